@@ -1,0 +1,83 @@
+//! `cargo xtask`: podwire's developer entry point. Every command installs what it needs first.
+
+mod build;
+mod cmd;
+mod demo;
+mod toolchain;
+
+use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, load, demo and test podwire")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object and the userspace binaries that embed it.
+    Build {
+        /// Build userspace in release mode (the eBPF object is always optimised).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the agent with the given arguments, e.g. `-- --iface veth0`:
+    /// loads and attaches the programs and streams their logs until Ctrl-C or SIGTERM.
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for podwire-agent.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Bring up a demo node and pod in network namespaces, show podwire counting their traffic,
+    /// and tear everything down.
+    Demo,
+    /// Run the unit tests and the kernel integration tests (needs root).
+    Test {
+        /// Arguments passed to `cargo test` after `--`, e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Build { release } => {
+            build::all(release)?;
+        }
+        Cmd::Run { release, args } => {
+            let bins = build::all(release)?;
+            let agent = bins.join("podwire-agent");
+            let mut cmd = Command::new(&agent);
+            cmd.args(&args);
+            // Developers want to see what the programs do on every packet unless they say otherwise
+            // (`podwire` is the kernel programs' log target).
+            if std::env::var_os("PODWIRE_LOG").is_none() {
+                cmd.env("PODWIRE_LOG", "info,podwire=debug");
+            }
+            // Replace this process so Ctrl-C and SIGTERM reach the agent directly and it detaches.
+            return Err(cmd.exec()).with_context(|| format!("executing {}", agent.display()));
+        }
+        Cmd::Demo => {
+            let bins = build::all(false)?;
+            demo::run(&bins)?;
+        }
+        Cmd::Test { args } => {
+            build::test(&args)?;
+        }
+    }
+    Ok(())
+}
+
+/// The workspace root (the parent of this crate).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
