@@ -201,3 +201,84 @@ pub mod packet {
         !(sum as u16)
     }
 }
+
+/// A child process whose stderr lines are collected as they arrive; killed on drop.
+pub struct Daemon {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far, for failure messages.
+    pub seen: Vec<String>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with stderr captured.
+    pub fn spawn(mut cmd: Command) -> Daemon {
+        use std::io::BufRead as _;
+        let mut child = cmd
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon { child, lines, seen: Vec::new() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a stderr line contains `needle` (a deadline only against hanging; tests
+    /// never assert on time), returning it.
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends `signal` and waits for the process to exit, returning its status and the rest of
+    /// its stderr.
+    pub fn stop(mut self, signal: nix::sys::signal::Signal) -> (std::process::ExitStatus, Vec<String>) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signalling the daemon");
+        let status = self.child.wait().expect("waiting for the daemon");
+        let mut rest = std::mem::take(&mut self.seen);
+        rest.extend(self.lines.try_iter());
+        (status, rest)
+    }
+
+    /// Waits for the process to exit by itself, returning its status and all of its stderr.
+    pub fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = self.child.wait().expect("waiting for the daemon");
+        let mut all = std::mem::take(&mut self.seen);
+        // The reader thread ends at EOF, after the process exits.
+        all.extend(self.lines.iter());
+        (status, all)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
