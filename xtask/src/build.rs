@@ -3,11 +3,12 @@
 use std::{
     env,
     ffi::OsString,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 use crate::{
     cmd::run,
@@ -73,7 +74,35 @@ pub fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
-    run(cmd).context("tests failed")
+    let (passed, failed) = run_counting_tests(cmd)?;
+    // One closing line over all test binaries, so the last line is never a binary with 0 tests.
+    println!("podwire: {passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        bail!("{failed} tests failed, {passed} passed");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up the `test result:` lines.
+fn run_counting_tests(mut cmd: Command) -> Result<(u64, u64)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok((passed, failed))
 }
 
 fn userspace_cargo(object: &Path, verb: &str) -> Command {
@@ -90,4 +119,36 @@ fn prepend_path(dir: &Path) -> OsString {
         paths.extend(env::split_paths(&path));
     }
     env::join_paths(paths).expect("PATH entries contain no ':'")
+}
+
+/// Passed and failed counts of a libtest summary line:
+/// "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.2s".
+fn test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let (mut passed, mut failed) = (0, 0);
+    for part in rest.split(['.', ';']) {
+        let mut words = part.split_whitespace();
+        match (words.next().map(str::parse::<u64>), words.next()) {
+            (Some(Ok(n)), Some("passed")) => passed = n,
+            (Some(Ok(n)), Some("failed")) => failed = n,
+            _ => {}
+        }
+    }
+    Some((passed, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_result;
+
+    #[test]
+    fn reads_libtest_summary_lines() {
+        let ok = "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; \
+                  finished in 0.28s";
+        assert_eq!(test_result(ok), Some((3, 0)));
+        let failed = "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; \
+                      finished in 0.32s";
+        assert_eq!(test_result(failed), Some((2, 1)));
+        assert_eq!(test_result("test from_pod_verdicts_on_crafted_packets ... ok"), None);
+    }
 }
