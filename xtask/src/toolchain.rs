@@ -54,11 +54,17 @@ pub fn ensure(needs: Needs) -> Result<PathBuf> {
     if let Needs::Run = needs {
         packages.extend_from_slice(TEST_PACKAGES);
     }
-    let missing = missing_packages(&packages)?;
-    if !missing.is_empty() {
-        install_packages(&missing)?;
-    }
+    ensure_packages(&packages)?;
     ensure_bpf_linker()
+}
+
+/// Installs those of `packages` (name, reason shown while installing) that are missing.
+pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing = missing_packages(packages)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    install_packages(&missing)
 }
 
 fn missing_packages<'a>(packages: &[(&'a str, &'a str)]) -> Result<Vec<(&'a str, &'a str)>> {
