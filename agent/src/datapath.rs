@@ -1,8 +1,14 @@
 //! The eBPF datapath: the embedded object, loading it, attaching its programs, reading counters.
 
+use std::{io, net::Ipv4Addr, path::Path};
+
 use aya::{
-    maps::PerCpuArray,
-    programs::{tc, SchedClassifier, TcAttachType},
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        SchedClassifier, TcAttachType,
+    },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
@@ -10,7 +16,9 @@ use aya_log::EbpfLogger;
 
 /// Reader of the programs' log records, forwarding them to the `log` facade.
 pub type Logger = EbpfLogger<&'static dyn log::Log>;
-use podwire_common::{Counter, Reason};
+use podwire_common::{Counter, Endpoint, EndpointKey, Reason};
+
+use crate::pins::Pins;
 
 /// The compiled kernel programs, built by `cargo xtask build` and embedded at compile time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PODWIRE_EBPF_OBJECT"));
@@ -25,6 +33,10 @@ pub mod programs {
 pub mod maps {
     /// Per-CPU packet and byte counts per verdict reason.
     pub const COUNTERS: &str = "COUNTERS";
+    /// Pods on this node by IPv4 address.
+    pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+    /// The maps pinned in bpffs so they outlive the agent.
+    pub const PINNED: [&str; 2] = [COUNTERS, ENDPOINTS];
 }
 
 /// Errors of loading, attaching and reading the datapath.
@@ -52,12 +64,19 @@ pub enum DatapathError {
         #[source]
         source: tc::TcError,
     },
-    /// A map could not be opened or read.
+    /// A map could not be opened, read or written.
     #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    /// A link could not be pinned, opened from its pin, or unpinned.
+    #[error("pinned link {path}")]
+    Pin {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The log ring buffer could not be set up.
     #[error("setting up the eBPF log reader")]
@@ -99,30 +118,40 @@ impl LogLevel {
     }
 }
 
+/// Whether this kernel has TCX links (6.6, commit e420bed02507); before it aya attaches through
+/// netlink tc, which needs a clsact qdisc and has no links to pin.
+fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
 /// The loaded (not yet attached) datapath.
 pub struct Datapath {
     ebpf: Ebpf,
     /// Must outlive the programs' load: it owns the log map they reference.
     logger: Option<Logger>,
+    /// Attachments made by [`Datapath::attach_from_pod`]; dropping them detaches.
+    links: Vec<SchedClassifierLink>,
 }
 
 impl Datapath {
     /// Loads [`OBJECT`] and every program in it (the verifier runs here).
-    pub fn load(log_level: LogLevel) -> Result<Datapath, DatapathError> {
-        Self::load_object(OBJECT, log_level)
-    }
-
-    /// Loads an object from bytes: used with [`OBJECT`] except in tests of broken objects.
-    pub fn load_object(object: &[u8], log_level: LogLevel) -> Result<Datapath, DatapathError> {
+    /// With `pins`, the maps are pinned there (and reused if already pinned), so endpoints and
+    /// counters survive agent restarts.
+    pub fn load(log_level: LogLevel, pins: Option<&Pins>) -> Result<Datapath, DatapathError> {
         let level = log_level as u8;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &level, true)
-            .load(object)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &level, true);
+        if let Some(pins) = pins {
+            for name in maps::PINNED {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         let logger = match log_level {
             LogLevel::Off => None,
             _ => Some(EbpfLogger::init(&mut ebpf)?),
         };
-        let mut datapath = Datapath { ebpf, logger };
+        let mut datapath = Datapath { ebpf, logger, links: Vec::new() };
         let program = datapath.classifier(programs::FROM_POD)?;
         program.load().map_err(|source| DatapathError::Program {
             program: programs::FROM_POD,
@@ -139,25 +168,117 @@ impl Datapath {
 
     /// Attaches `from_pod` to tc ingress of `iface`. It stays attached until this Datapath drops.
     pub fn attach_from_pod(&mut self, iface: &str) -> Result<(), DatapathError> {
-        // TCX (kernel 6.6, commit e420bed02507) needs no qdisc; aya falls back to netlink tc
-        // before that, which needs clsact.
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        if !tcx {
+        let link = self.attach_from_pod_link(iface)?;
+        self.links.push(link);
+        Ok(())
+    }
+
+    /// Attaches `from_pod` to tc ingress of `iface` for good: the link is pinned at `pin`, so it
+    /// stays attached when the agent exits, until the pin is removed or the veth deleted. A link
+    /// already pinned there gets this program atomically instead of its old one (agent upgrade).
+    ///
+    /// Kernels before 6.6 have no tc links to pin: the netlink filter simply stays (it holds the
+    /// program), and an existing one is replaced by detaching and attaching again.
+    pub fn attach_from_pod_pinned(&mut self, iface: &str, pin: &Path) -> Result<(), DatapathError> {
+        let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Pin {
+            path: pin.display().to_string(),
+            source,
+        };
+        if !tcx_supported() {
+            // Ignoring NotFound: there was no filter to replace.
+            let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, programs::FROM_POD);
+            std::mem::forget(self.attach_from_pod_link(iface)?);
+            return Ok(());
+        }
+        match PinnedLink::from_pin(pin) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| pin_err(e.into()))?;
+                let program = self.classifier(programs::FROM_POD)?;
+                let id = program.attach_to_link(link).map_err(|source| DatapathError::Program {
+                    program: programs::FROM_POD,
+                    action: format!("replacing the program of the link pinned at {}", pin.display()),
+                    source,
+                })?;
+                // Closing our descriptor leaves the pinned link attached.
+                drop(program.take_link(id));
+            }
+            Err(_) => {
+                let link = self.attach_from_pod_link(iface)?;
+                let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
+                fd_link.pin(pin).map_err(|e| pin_err(e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether attachments are pinned links on this kernel (TCX), rather than netlink filters.
+    pub fn tcx_links_pinned() -> bool {
+        tcx_supported()
+    }
+
+    /// Removes the link pinned at `pin`, detaching `from_pod` (no-op when there is none).
+    pub fn detach_pinned(pin: &Path) -> Result<(), DatapathError> {
+        match std::fs::remove_file(pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatapathError::Pin {
+                path: pin.display().to_string(),
+                source: e.into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn attach_from_pod_link(&mut self, iface: &str) -> Result<SchedClassifierLink, DatapathError> {
+        if !tcx_supported() {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => {}
-                Err(tc::TcError::NetlinkError(e))
-                    if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(source) => return Err(DatapathError::Qdisc { iface: iface.into(), source }),
             }
         }
-        self.classifier(programs::FROM_POD)?
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Program {
-                program: programs::FROM_POD,
-                action: format!("attaching to tc ingress of {iface}"),
-                source,
-            })?;
-        Ok(())
+        let program = self.classifier(programs::FROM_POD)?;
+        let program_err = |source| DatapathError::Program {
+            program: programs::FROM_POD,
+            action: format!("attaching to tc ingress of {iface}"),
+            source,
+        };
+        let id = program.attach(iface, TcAttachType::Ingress).map_err(program_err)?;
+        program.take_link(id).map_err(program_err)
+    }
+
+    fn endpoints_map(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::ENDPOINTS)
+            .ok_or(DatapathError::Missing { kind: "map", name: maps::ENDPOINTS })?;
+        HashMap::try_from(map).map_err(|source| DatapathError::Map { name: maps::ENDPOINTS, source })
+    }
+
+    /// Writes (or replaces) the endpoint of `ip`.
+    pub fn set_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<(), DatapathError> {
+        self.endpoints_map()?
+            .insert(ip.octets(), endpoint, 0)
+            .map_err(|source| DatapathError::Map { name: maps::ENDPOINTS, source })
+    }
+
+    /// Removes the endpoint of `ip`, if there is one.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        match self.endpoints_map()?.remove(&ip.octets()) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(source) => Err(DatapathError::Map { name: maps::ENDPOINTS, source }),
+        }
+    }
+
+    /// Every endpoint in the map.
+    pub fn endpoints(&mut self) -> Result<Vec<(Ipv4Addr, Endpoint)>, DatapathError> {
+        self.endpoints_map()?
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(key, ep)| (Ipv4Addr::from(key), ep))
+                    .map_err(|source| DatapathError::Map { name: maps::ENDPOINTS, source })
+            })
+            .collect()
     }
 
     /// The program named `name`, which must be a tc classifier.

@@ -1,4 +1,10 @@
-//! podwire's node agent as a library: loading and attaching the datapath, reading its maps.
-//! The `podwire-agent` binary and the integration tests drive it.
+//! podwire's node agent as a library: loading and attaching the datapath, its pinned maps and
+//! links, IPAM and endpoint state, and the local API the CNI plugin calls.
+//! The `podwire-agent` binary, the CNI plugin and the integration tests use it.
 
+pub mod api;
+pub mod daemon;
 pub mod datapath;
+pub mod mac;
+pub mod pins;
+pub mod state;

@@ -1,11 +1,22 @@
-//! podwire-agent: the node daemon. Loads the datapath and attaches it to the given interfaces,
-//! forwards the programs' log records, and detaches everything on SIGINT or SIGTERM.
+//! podwire-agent: the node daemon. Loads the datapath with its maps pinned in bpffs, restores the
+//! endpoints of its persisted state, and serves the CNI plugin on a Unix socket. The datapath keeps
+//! forwarding while the agent is down or restarting.
+//!
+//! `--iface` attaches `from_pod` to an interface for the developer's loop (`cargo xtask run`);
+//! those attachments, unlike the pods', are removed when the agent exits.
 
-use std::io::IsTerminal as _;
+use std::{io::IsTerminal as _, path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use podwire_agent::datapath::{Datapath, LogLevel, Logger};
+use ipnet::Ipv4Net;
+use podwire_agent::{
+    api,
+    daemon::{self, Daemon},
+    datapath::{Datapath, LogLevel, Logger},
+    pins::{self, Pins},
+    state::State,
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -15,8 +26,29 @@ use tracing::{info, warn};
 #[derive(Parser)]
 #[command(version, about = "podwire node agent")]
 struct Args {
-    /// Attach `from_pod` to tc ingress of this interface (repeatable): the developer's loop,
-    /// e.g. onto a veth of a test namespace.
+    /// This node's pod CIDR: pod addresses are allocated from it. Without it the agent serves no
+    /// pods and only attaches to the `--iface` interfaces.
+    #[arg(long, value_name = "CIDR")]
+    pod_cidr: Option<Ipv4Net>,
+
+    /// This node's name, as the cluster knows it.
+    #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
+    node_name: String,
+
+    /// Directory of the persisted IPAM and endpoint state.
+    #[arg(long, default_value = "/var/lib/podwire")]
+    state_dir: PathBuf,
+
+    /// Unix socket the CNI plugin talks to.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    /// bpffs directory for this node's pinned maps and links.
+    #[arg(long, default_value = pins::DEFAULT_ROOT)]
+    bpffs: PathBuf,
+
+    /// Attach `from_pod` to tc ingress of this interface until the agent exits (repeatable): the
+    /// developer's loop, e.g. onto a veth of a test namespace.
     #[arg(long = "iface", value_name = "NAME")]
     ifaces: Vec<String>,
 
@@ -24,6 +56,13 @@ struct Args {
     /// statements the kernel programs keep; below that they cost nothing.
     #[arg(long, env = "PODWIRE_LOG", default_value = "info")]
     log: String,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 #[tokio::main]
@@ -35,7 +74,11 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let mut datapath = Datapath::load(LogLevel::from_filter(&args.log))?;
+    let pins = args.pod_cidr.map(|_| Pins::new(&args.bpffs));
+    if let Some(pins) = &pins {
+        pins.prepare().context("preparing the bpffs pin directories")?;
+    }
+    let mut datapath = Datapath::load(LogLevel::from_filter(&args.log), pins.as_ref())?;
     if let Some(logger) = datapath.take_logger() {
         tokio::spawn(forward_logs(logger));
     }
@@ -46,20 +89,47 @@ async fn main() -> Result<()> {
         info!(iface = %iface, "attached from_pod to tc ingress");
     }
 
+    let daemon = match (args.pod_cidr, pins) {
+        (Some(pod_cidr), Some(pins)) => {
+            let state = State::open(&args.state_dir, pod_cidr)?;
+            let daemon = Daemon::start(args.node_name.clone(), datapath, state, pins).await?;
+            let daemon = Arc::new(tokio::sync::Mutex::new(daemon));
+            let listener = daemon::bind(&args.socket)
+                .with_context(|| format!("binding the API socket {}", args.socket.display()))?;
+            tokio::spawn(Daemon::serve(daemon.clone(), listener));
+            info!(node = %args.node_name, %pod_cidr, socket = %args.socket.display(), "serving CNI requests");
+            Some(daemon)
+        }
+        _ => {
+            let mut sigint = signal(SignalKind::interrupt())?;
+            let mut sigterm = signal(SignalKind::terminate())?;
+            info!("datapath running; Ctrl-C or SIGTERM detaches and exits");
+            wait_for_signal(&mut sigint, &mut sigterm).await;
+            for (reason, counter) in datapath.counters()? {
+                info!(reason = reason.name(), packets = counter.packets, bytes = counter.bytes, "counter");
+            }
+            drop(datapath);
+            info!("detached");
+            return Ok(());
+        }
+    };
+
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    info!("datapath running; Ctrl-C or SIGTERM detaches and exits");
-    tokio::select! {
-        _ = sigint.recv() => info!("SIGINT: detaching"),
-        _ = sigterm.recv() => info!("SIGTERM: detaching"),
-    }
-    for (reason, counter) in datapath.counters()? {
-        info!(reason = reason.name(), packets = counter.packets, bytes = counter.bytes, "counter");
-    }
-    // Dropping the datapath detaches every link and unloads the programs.
-    drop(datapath);
-    info!("detached");
+    info!("datapath running; it stays in place when the agent exits");
+    wait_for_signal(&mut sigint, &mut sigterm).await;
+    let _ = std::fs::remove_file(&args.socket);
+    // Pod attachments are pinned and stay; only `--iface` ones are detached with the datapath.
+    drop(daemon);
+    info!("agent stopped");
     Ok(())
+}
+
+async fn wait_for_signal(sigint: &mut tokio::signal::unix::Signal, sigterm: &mut tokio::signal::unix::Signal) {
+    tokio::select! {
+        _ = sigint.recv() => info!("SIGINT: exiting"),
+        _ = sigterm.recv() => info!("SIGTERM: exiting"),
+    }
 }
 
 async fn forward_logs(logger: Logger) {

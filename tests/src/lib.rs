@@ -47,6 +47,8 @@ impl NetNs {
     /// Creates a namespace named after `role`, unique to this process and call, with loopback up.
     pub fn new(role: &str) -> NetNs {
         require_root();
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_stale_namespaces);
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "pwt-{role}-{}-{}",
@@ -92,9 +94,38 @@ impl NetNs {
         })
     }
 
+    /// ifindex and MAC of the interface `name` in this namespace.
+    pub fn link(&self, name: &str) -> (u32, [u8; 6]) {
+        let out = self.ip(&["-j", "link", "show", "dev", name]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        let link = &json[0];
+        let mac: Vec<u8> = link["address"]
+            .as_str()
+            .expect("link has a MAC")
+            .split(':')
+            .map(|octet| u8::from_str_radix(octet, 16).expect("hex octet"))
+            .collect();
+        (link["ifindex"].as_u64().expect("ifindex") as u32, mac.try_into().expect("6 octets"))
+    }
+
     /// Sets an IPv4 sysctl such as `ip_forward` in this namespace.
     pub fn sysctl_ipv4(&self, key: &str, value: &str) {
         run(self.command("sysctl").args(["-qw", &format!("net.ipv4.{key}={value}")]));
+    }
+}
+
+/// Deletes namespaces left by test processes that were killed before their guards ran.
+fn sweep_stale_namespaces() {
+    let out = run(Command::new("ip").args(["netns", "list"]));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        // pwt-<role>-<pid>-<n>
+        let pid = name.strip_prefix("pwt-").and_then(|rest| rest.rsplit('-').nth(1));
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
     }
 }
 
@@ -169,9 +200,10 @@ pub mod packet {
         frame
     }
 
-    /// An Ethernet + IPv4 + UDP frame carrying `payload`, with a valid IPv4 header checksum.
-    pub fn udp_v4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-        let mut frame = eth([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2], ETH_IPV4);
+    /// An Ethernet + IPv4 + UDP frame from `src_mac` carrying `payload`, with a valid IPv4
+    /// header checksum.
+    pub fn udp_v4(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+        let mut frame = eth([0x02, 0, 0, 0, 0, 1], src_mac, ETH_IPV4);
         let total = (20 + 8 + payload.len()) as u16;
         let mut ip = vec![0x45, 0];
         ip.extend_from_slice(&total.to_be_bytes());

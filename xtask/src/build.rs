@@ -20,6 +20,8 @@ use crate::{
 pub const OBJECT_ENV: &str = "PODWIRE_EBPF_OBJECT";
 /// Environment variable through which the integration tests find the built binaries.
 pub const BIN_DIR_ENV: &str = "PODWIRE_BIN_DIR";
+/// Environment variable through which the integration tests find cnitool.
+pub const CNITOOL_ENV: &str = "PODWIRE_CNITOOL";
 const BPF_TARGET: &str = "bpfel-unknown-none";
 
 /// Builds the eBPF object, returning its path.
@@ -67,10 +69,11 @@ pub fn all(release: bool) -> Result<PathBuf> {
 /// Builds everything, then runs unit and kernel integration tests.
 pub fn test(args: &[String]) -> Result<()> {
     toolchain::ensure(Needs::Run)?;
+    let cnitool = crate::cnitool::ensure()?;
     let bins = all(false)?;
     let object = workspace_root().join("target/ebpf").join(BPF_TARGET).join("release/podwire");
     let mut cmd = userspace_cargo(&object, "test");
-    cmd.env(BIN_DIR_ENV, &bins);
+    cmd.env(BIN_DIR_ENV, &bins).env(CNITOOL_ENV, &cnitool);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }

@@ -2,6 +2,7 @@
 
 mod build;
 mod cmd;
+mod cnitool;
 mod demo;
 mod toolchain;
 

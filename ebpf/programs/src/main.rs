@@ -4,6 +4,7 @@
 
 mod counters;
 mod from_pod;
+mod maps;
 mod parse;
 
 #[cfg(not(test))]

@@ -1,0 +1,119 @@
+//! The agent's local API, spoken by the CNI plugin over a Unix socket: one JSON request line, one
+//! JSON response line per connection.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::{mac::Mac, state::EndpointRecord};
+
+/// Default socket path of the agent on a node.
+pub const DEFAULT_SOCKET: &str = "/run/podwire/agent.sock";
+
+/// A container's network attachment, as CNI names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl Attachment {
+    /// Key of the attachment in the agent's state.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.container_id, self.ifname)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Is the agent ready to serve ADD?
+    Status,
+    /// Address for an attachment (the same one again if it already has one).
+    Allocate { attachment: Attachment, netns: String },
+    /// The plugin has wired the veth: write the endpoint map and attach the datapath.
+    Register { attachment: Attachment, host_ifname: String, host_mac: Mac, pod_mac: Mac },
+    /// Forget an attachment: map entry, datapath attachment, address. Idempotent.
+    Release { attachment: Attachment },
+    /// The agent's view of an attachment, after checking its map entry and attachment.
+    Check { attachment: Attachment },
+    /// Remove every attachment not in `valid`, with its host-side veth.
+    Gc { valid: Vec<Attachment> },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Status { node: String, pod_cidr: Ipv4Net },
+    Allocated { ip: Ipv4Addr, pod_cidr: Ipv4Net },
+    Registered,
+    Released { ip: Option<Ipv4Addr> },
+    Checked { endpoint: EndpointRecord },
+    Collected { removed: Vec<Attachment> },
+}
+
+/// What the agent answers when it cannot do what was asked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// Class of an agent error; the plugin maps it to a CNI error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request names an attachment the agent does not know, or state that does not match.
+    Invalid,
+    /// Transient: retrying later may succeed (e.g. the pod CIDR is exhausted).
+    TryAgain,
+    /// The agent failed doing it.
+    Internal,
+}
+
+/// Errors of calling the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket: the agent is not running (yet).
+    #[error("podwire agent is not reachable at {socket}: {source}")]
+    Unreachable {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The connection broke or the answer was not understood.
+    #[error("talking to the podwire agent at {socket}: {detail}")]
+    Protocol { socket: String, detail: String },
+    /// The agent answered with an error.
+    #[error(transparent)]
+    Agent(#[from] ApiError),
+}
+
+/// Sends one request to the agent at `socket` and waits for its reply.
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let name = socket.display().to_string();
+    let stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Unreachable { socket: name.clone(), source })?;
+    let protocol = |detail: String| ClientError::Protocol { socket: name.clone(), detail };
+    // GC may delete many veths; nothing else takes long.
+    let timeout = Some(Duration::from_secs(60));
+    stream.set_read_timeout(timeout).and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|e| protocol(e.to_string()))?;
+    let mut line = serde_json::to_string(request).expect("requests serialise");
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(|e| protocol(e.to_string()))?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(|e| protocol(e.to_string()))?;
+    let response: Result<Reply, ApiError> =
+        serde_json::from_str(&answer).map_err(|e| protocol(format!("bad answer {answer:?}: {e}")))?;
+    Ok(response?)
+}
