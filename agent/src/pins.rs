@@ -6,7 +6,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use nix::{mount::MsFlags, sys::statfs};
+use nix::{
+    fcntl::{Flock, FlockArg},
+    mount::MsFlags,
+    sys::statfs,
+};
 use tracing::info;
 
 /// Where Kubernetes nodes mount bpffs.
@@ -60,6 +64,15 @@ impl Pins {
     /// Makes sure the root lies on a bpffs (mounting one at /sys/fs/bpf if nothing is mounted
     /// there, as Cilium does) and creates the directories.
     pub fn prepare(&self) -> Result<(), PinError> {
+        // Agents of several nodes on one machine (the demo, the tests) start together: without
+        // the lock each could mount its own bpffs over the others'.
+        let lock_path = Path::new("/run/podwire-bpffs.lock");
+        let lock_file = fs::File::create(lock_path)
+            .map_err(|source| PinError::Io { path: lock_path.to_path_buf(), source })?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| PinError::Io {
+            path: lock_path.to_path_buf(),
+            source: e.into(),
+        })?;
         if !Self::on_bpffs(&self.root)? {
             if !self.root.starts_with(BPFFS) {
                 return Err(PinError::NotBpffs(self.root.clone()));

@@ -314,3 +314,268 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// The CNI version the tests' configurations use (the newest the plugin speaks).
+pub const CNI_VERSION: &str = "1.1.0";
+
+/// A node: a namespace with a node address on its loopback and a podwire agent serving CNI
+/// requests from it, with its own state directory, socket and bpffs pins. Pods are namespaces
+/// wired by exec'ing the CNI plugin as a runtime does.
+pub struct Node {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub state_dir: tempfile::TempDir,
+    pub pins: PathBuf,
+    agent: Option<Daemon>,
+}
+
+/// What one plugin invocation returned.
+#[derive(Debug)]
+pub struct CniOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOutput {
+    /// Stdout as JSON (a result, or the spec's error object).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("plugin output is not JSON ({e}): {self:?}"))
+    }
+
+    /// Asserts the invocation failed with the spec's error object carrying `code`; returns `msg`.
+    pub fn expect_error(&self, code: u64) -> String {
+        assert!(!self.success, "expected CNI error {code}, got success: {self:?}");
+        let json = self.json();
+        assert_eq!(json["code"], code, "error code: {json}");
+        assert!(json["cniVersion"].is_string(), "error carries cniVersion: {json}");
+        json["msg"].as_str().expect("msg").to_owned()
+    }
+}
+
+/// A pod wired by the plugin.
+pub struct Pod {
+    pub ns: NetNs,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+    pub result: serde_json::Value,
+}
+
+impl Node {
+    /// Creates the node namespace with `ip` on its loopback (the node's own address, which it
+    /// reaches pods from) and starts an agent for `pod_cidr`.
+    pub fn start(ip: Ipv4Addr, pod_cidr: &str) -> Node {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let ns = NetNs::new("node");
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/pwt-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut node = Node {
+            ns,
+            ip,
+            pod_cidr: pod_cidr.to_owned(),
+            state_dir: tempfile::tempdir().expect("state dir"),
+            pins,
+            agent: None,
+        };
+        node.start_agent();
+        node
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.path().join("agent.sock")
+    }
+
+    /// A command running `program` in the node's network namespace only (not its mount
+    /// namespace, as `ip netns exec` would do): bpffs pins stay visible, as on a real node.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns.name())).arg(program);
+        cmd
+    }
+
+    /// Starts the agent and waits until it serves CNI requests.
+    pub fn start_agent(&mut self) {
+        let mut cmd = self.command(bin("podwire-agent"));
+        cmd.args(["--pod-cidr", &self.pod_cidr, "--node-name", self.ns.name()])
+            .arg("--state-dir")
+            .arg(self.state_dir.path())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--bpffs")
+            .arg(&self.pins)
+            .env("PODWIRE_LOG", "info");
+        let mut agent = Daemon::spawn(cmd);
+        agent.wait_for_line("serving CNI requests");
+        self.agent = Some(agent);
+    }
+
+    /// Stops the agent with SIGTERM, as a DaemonSet rollout does; returns its log.
+    pub fn stop_agent(&mut self) -> Vec<String> {
+        let agent = self.agent.take().expect("agent running");
+        let (status, log) = agent.stop(nix::sys::signal::Signal::SIGTERM);
+        assert!(status.success(), "agent exit: {status}\n{}", log.join("\n"));
+        log
+    }
+
+    /// podwire's network configuration for this node.
+    pub fn conf(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": CNI_VERSION,
+            "name": "podwire",
+            "type": "podwire-cni",
+            "mtu": 1500,
+            "agentSocket": self.socket(),
+        })
+    }
+
+    /// Execs the plugin in the node's namespace as a runtime does: CNI_* environment, the
+    /// configuration on stdin.
+    pub fn cni(&self, command: &str, env: &[(&str, &str)], stdin: &[u8]) -> CniOutput {
+        use std::io::Write as _;
+        let mut cmd = self.command(bin("podwire-cni"));
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_PATH", bin("podwire-cni").parent().unwrap())
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("exec podwire-cni");
+        child.stdin.take().unwrap().write_all(stdin).expect("writing the configuration");
+        let out = child.wait_with_output().expect("waiting for podwire-cni");
+        CniOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// ADD, DEL or CHECK of `container_id` in `pod` with this node's configuration.
+    pub fn cni_pod(&self, command: &str, container_id: &str, pod: Option<&NetNs>) -> CniOutput {
+        let netns = pod.map(|p| format!("/run/netns/{}", p.name()));
+        let mut env = vec![("CNI_CONTAINERID", container_id), ("CNI_IFNAME", "eth0")];
+        if let Some(netns) = &netns {
+            env.push(("CNI_NETNS", netns));
+        }
+        self.cni(command, &env, self.conf().to_string().as_bytes())
+    }
+
+    /// Creates a pod namespace and wires it with ADD, asserting success.
+    pub fn add_pod(&self, container_id: &str) -> Pod {
+        let ns = NetNs::new("pod");
+        let out = self.cni_pod("ADD", container_id, Some(&ns));
+        assert!(out.success, "ADD {container_id}: {out:?}");
+        let result = out.json();
+        let ip = pod_ip(&result);
+        Pod { ns, container_id: container_id.to_owned(), ip, result }
+    }
+
+    /// The node's pinned endpoint map, as the datapath sees it (read while the agent may be down).
+    pub fn endpoints(&self) -> Vec<(Ipv4Addr, podwire_common::Endpoint)> {
+        let path = self.pins.join("maps").join(podwire_agent::datapath::maps::ENDPOINTS);
+        let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let map: aya::maps::HashMap<_, [u8; 4], podwire_common::Endpoint> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("endpoint map");
+        let mut all: Vec<_> = map.iter().map(|e| e.map(|(k, v)| (Ipv4Addr::from(k), v)).expect("entry")).collect();
+        all.sort_by_key(|(ip, _)| *ip);
+        all
+    }
+
+    /// The node's pinned counters, summed over CPUs.
+    pub fn counter(&self, reason: podwire_common::Reason) -> podwire_common::Counter {
+        let path = self.pins.join("maps").join(podwire_agent::datapath::maps::COUNTERS);
+        let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let map: aya::maps::PerCpuArray<_, podwire_common::Counter> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("counter map");
+        let per_cpu = map.get(&(reason as u32), 0).expect("counter");
+        per_cpu.iter().fold(podwire_common::Counter::default(), |sum, c| podwire_common::Counter {
+            packets: sum.packets + c.packets,
+            bytes: sum.bytes + c.bytes,
+        })
+    }
+
+    /// Names of the host-side veths the plugin made in this node.
+    pub fn host_veths(&self) -> Vec<String> {
+        let out = self.ns.ip(&["-j", "link", "show", "type", "veth"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        json.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| n.starts_with("pw"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The agent's persisted state file.
+    pub fn state(&self) -> serde_json::Value {
+        let path = self.state_dir.path().join("state.json");
+        serde_json::from_slice(&std::fs::read(&path).expect("state.json")).expect("state JSON")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            drop(agent);
+        }
+        // Unpinning the links detaches them; the maps go once nothing holds them.
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
+/// The pod's address from an ADD result.
+pub fn pod_ip(result: &serde_json::Value) -> Ipv4Addr {
+    let address = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no IP in {result}"));
+    address.split('/').next().unwrap().parse().expect("IPv4 address")
+}
+
+/// `ping -c 1` from `from`'s namespace; whether a reply came.
+pub fn ping(from: &NetNs, to: Ipv4Addr) -> bool {
+    from.command("ping")
+        .args(["-c", "1", "-W", "5", &to.to_string()])
+        .output()
+        .expect("ping")
+        .status
+        .success()
+}
+
+/// Sends `len` bytes over TCP from `client` to a server on `server_ip` in `server`, which echoes
+/// them; panics unless every byte comes back intact.
+pub fn tcp_echo(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, len: usize) {
+    use std::io::{Read as _, Write as _};
+    let timeout = Some(std::time::Duration::from_secs(20));
+    let listener = server.run(|| std::net::TcpListener::bind((server_ip, 0))).expect("listen");
+    let addr = listener.local_addr().unwrap();
+    let echo = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(timeout).unwrap();
+        let mut buf = vec![0u8; len];
+        conn.read_exact(&mut buf).expect("server read");
+        conn.write_all(&buf).expect("server write");
+    });
+    let mut conn = client
+        .run(|| std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("connect {} -> {addr}: {e}", client.name()));
+    conn.set_read_timeout(timeout).unwrap();
+    let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+    conn.write_all(&data).expect("client write");
+    let mut back = vec![0u8; len];
+    conn.read_exact(&mut back).unwrap_or_else(|e| panic!("echo {} -> {addr}: {e}", client.name()));
+    assert!(back == data, "bytes from {} to {addr} and back arrive intact", client.name());
+    echo.join().expect("echo server");
+}
+
+/// Path of cnitool, built by `cargo xtask test`.
+pub fn cnitool() -> PathBuf {
+    let path = std::env::var_os("PODWIRE_CNITOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/cnitool"));
+    assert!(path.exists(), "{} not found: run the tests with `cargo xtask test`, which builds it", path.display());
+    path
+}
