@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     api::{ApiError, Attachment, ErrorKind, Reply, Request},
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, Hook},
     pins::Pins,
     state::{EndpointRecord, State, StateError, Wiring},
 };
@@ -183,15 +183,15 @@ impl Daemon {
             ip,
             Endpoint { ifindex, flags: 0, pod_mac: wiring.pod_mac.0, host_mac: wiring.host_mac.0 },
         )?;
-        let pin = self.pins.from_pod_link(&wiring.host_ifname);
-        self.datapath.attach_from_pod_pinned(&wiring.host_ifname, &pin)?;
+        let pin = self.pins.link(Hook::from_pod(&wiring.host_ifname));
+        self.datapath.attach_pinned(Hook::from_pod(&wiring.host_ifname), &pin)?;
         Ok(())
     }
 
     /// Removes the map entry of `ip` and the pinned attachment on `host_ifname`.
     fn unwire(&mut self, ip: Ipv4Addr, host_ifname: &str) -> Result<(), ApiError> {
         self.datapath.remove_endpoint(ip)?;
-        Datapath::detach_pinned(&self.pins.from_pod_link(host_ifname))?;
+        Datapath::detach_pinned(&self.pins.link(Hook::from_pod(host_ifname)))?;
         Ok(())
     }
 
@@ -231,7 +231,7 @@ impl Daemon {
             }
             Some(_) => {}
         }
-        let pin = self.pins.from_pod_link(&wiring.host_ifname);
+        let pin = self.pins.link(Hook::from_pod(&wiring.host_ifname));
         if Datapath::tcx_links_pinned() && !pin.exists() {
             return Err(invalid(format!("from_pod is not attached to {} (no link at {})", wiring.host_ifname, pin.display())));
         }

@@ -3,7 +3,10 @@
 use std::{io, net::Ipv4Addr, path::Path};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        HashMap, MapData, PerCpuArray,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
@@ -16,7 +19,8 @@ use aya_log::EbpfLogger;
 
 /// Reader of the programs' log records, forwarding them to the `log` facade.
 pub type Logger = EbpfLogger<&'static dyn log::Log>;
-use podwire_common::{Counter, Endpoint, EndpointKey, Reason};
+use ipnet::Ipv4Net;
+use podwire_common::{Counter, Endpoint, EndpointKey, NodeEntry, Reason};
 
 use crate::pins::Pins;
 
@@ -27,6 +31,12 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PODWIRE_EBPF_OBJECT
 pub mod programs {
     /// tc ingress of a pod's host-side veth: everything the pod sends.
     pub const FROM_POD: &str = "from_pod";
+    /// tc ingress of the VXLAN device: what other nodes tunnelled here.
+    pub const FROM_OVERLAY: &str = "from_overlay";
+    /// tc egress of the VXLAN device: what goes into the tunnel.
+    pub const TO_OVERLAY: &str = "to_overlay";
+    /// Every program, in load order.
+    pub const ALL: [&str; 3] = [FROM_POD, FROM_OVERLAY, TO_OVERLAY];
 }
 
 /// Names of the maps in [`OBJECT`].
@@ -35,8 +45,42 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Pods on this node by IPv4 address.
     pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+    /// Pod CIDRs and underlay addresses to the node owning them (LPM trie).
+    pub const NODES: &str = "NODES_V1";
     /// The maps pinned in bpffs so they outlive the agent.
-    pub const PINNED: [&str; 2] = [COUNTERS, ENDPOINTS];
+    pub const PINNED: [&str; 3] = [COUNTERS, ENDPOINTS, NODES];
+}
+
+/// The VXLAN tunnel the programs send remote traffic into, fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overlay {
+    /// ifindex of the collect_md VXLAN device.
+    pub ifindex: u32,
+    /// VXLAN network identifier.
+    pub vni: u32,
+}
+
+/// A tc hook: program, interface and direction.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook<'a> {
+    pub program: &'static str,
+    pub iface: &'a str,
+    pub direction: TcAttachType,
+}
+
+impl<'a> Hook<'a> {
+    /// `from_pod` at ingress of a pod's host-side veth.
+    pub fn from_pod(iface: &'a str) -> Hook<'a> {
+        Hook { program: programs::FROM_POD, iface, direction: TcAttachType::Ingress }
+    }
+
+    /// `from_overlay` at ingress and `to_overlay` at egress of the VXLAN device.
+    pub fn overlay(iface: &'a str) -> [Hook<'a>; 2] {
+        [
+            Hook { program: programs::FROM_OVERLAY, iface, direction: TcAttachType::Ingress },
+            Hook { program: programs::TO_OVERLAY, iface, direction: TcAttachType::Egress },
+        ]
+    }
 }
 
 /// Errors of loading, attaching and reading the datapath.
@@ -137,10 +181,20 @@ impl Datapath {
     /// Loads [`OBJECT`] and every program in it (the verifier runs here).
     /// With `pins`, the maps are pinned there (and reused if already pinned), so endpoints and
     /// counters survive agent restarts.
-    pub fn load(log_level: LogLevel, pins: Option<&Pins>) -> Result<Datapath, DatapathError> {
+    /// With `overlay`, traffic for other nodes' pods goes into that tunnel; without, it goes up
+    /// the host stack.
+    pub fn load(
+        log_level: LogLevel,
+        pins: Option<&Pins>,
+        overlay: Option<Overlay>,
+    ) -> Result<Datapath, DatapathError> {
         let level = log_level as u8;
+        let (ifindex, vni) = overlay.map_or((0, 1), |o| (o.ifindex, o.vni));
         let mut loader = EbpfLoader::new();
-        loader.override_global(aya_log::LEVEL, &level, true);
+        loader
+            .override_global(aya_log::LEVEL, &level, true)
+            .override_global("VXLAN_IFINDEX", &ifindex, true)
+            .override_global("VNI", &vni, true);
         if let Some(pins) = pins {
             for name in maps::PINNED {
                 loader.map_pin_path(name, pins.map(name));
@@ -152,12 +206,13 @@ impl Datapath {
             _ => Some(EbpfLogger::init(&mut ebpf)?),
         };
         let mut datapath = Datapath { ebpf, logger, links: Vec::new() };
-        let program = datapath.classifier(programs::FROM_POD)?;
-        program.load().map_err(|source| DatapathError::Program {
-            program: programs::FROM_POD,
-            action: "loading (verifier)".into(),
-            source,
-        })?;
+        for name in programs::ALL {
+            datapath.classifier(name)?.load().map_err(|source| DatapathError::Program {
+                program: name,
+                action: "loading (verifier)".into(),
+                source,
+            })?;
+        }
         Ok(datapath)
     }
 
@@ -168,35 +223,35 @@ impl Datapath {
 
     /// Attaches `from_pod` to tc ingress of `iface`. It stays attached until this Datapath drops.
     pub fn attach_from_pod(&mut self, iface: &str) -> Result<(), DatapathError> {
-        let link = self.attach_from_pod_link(iface)?;
+        let link = self.attach_link(Hook::from_pod(iface))?;
         self.links.push(link);
         Ok(())
     }
 
-    /// Attaches `from_pod` to tc ingress of `iface` for good: the link is pinned at `pin`, so it
-    /// stays attached when the agent exits, until the pin is removed or the veth deleted. A link
-    /// already pinned there gets this program atomically instead of its old one (agent upgrade).
+    /// Attaches `hook` for good: the link is pinned at `pin`, so it stays attached when the agent
+    /// exits, until the pin is removed or the interface deleted. A link already pinned there gets
+    /// this program atomically instead of its old one (agent upgrade).
     ///
     /// Kernels before 6.6 have no tc links to pin: the netlink filter simply stays (it holds the
     /// program), and an existing one is replaced by detaching and attaching again.
-    pub fn attach_from_pod_pinned(&mut self, iface: &str, pin: &Path) -> Result<(), DatapathError> {
+    pub fn attach_pinned(&mut self, hook: Hook<'_>, pin: &Path) -> Result<(), DatapathError> {
         let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Pin {
             path: pin.display().to_string(),
             source,
         };
         if !tcx_supported() {
             // Ignoring NotFound: there was no filter to replace.
-            let _ = tc::qdisc_detach_program(iface, TcAttachType::Ingress, programs::FROM_POD);
-            std::mem::forget(self.attach_from_pod_link(iface)?);
+            let _ = tc::qdisc_detach_program(hook.iface, hook.direction, hook.program);
+            std::mem::forget(self.attach_link(hook)?);
             return Ok(());
         }
         match PinnedLink::from_pin(pin) {
             Ok(pinned) => {
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                     .map_err(|e| pin_err(e.into()))?;
-                let program = self.classifier(programs::FROM_POD)?;
+                let program = self.classifier(hook.program)?;
                 let id = program.attach_to_link(link).map_err(|source| DatapathError::Program {
-                    program: programs::FROM_POD,
+                    program: hook.program,
                     action: format!("replacing the program of the link pinned at {}", pin.display()),
                     source,
                 })?;
@@ -204,7 +259,7 @@ impl Datapath {
                 drop(program.take_link(id));
             }
             Err(_) => {
-                let link = self.attach_from_pod_link(iface)?;
+                let link = self.attach_link(hook)?;
                 let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
                 fd_link.pin(pin).map_err(|e| pin_err(e.into()))?;
             }
@@ -228,7 +283,8 @@ impl Datapath {
         }
     }
 
-    fn attach_from_pod_link(&mut self, iface: &str) -> Result<SchedClassifierLink, DatapathError> {
+    fn attach_link(&mut self, hook: Hook<'_>) -> Result<SchedClassifierLink, DatapathError> {
+        let Hook { program: name, iface, direction } = hook;
         if !tcx_supported() {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => {}
@@ -236,14 +292,55 @@ impl Datapath {
                 Err(source) => return Err(DatapathError::Qdisc { iface: iface.into(), source }),
             }
         }
-        let program = self.classifier(programs::FROM_POD)?;
+        let program = self.classifier(name)?;
         let program_err = |source| DatapathError::Program {
-            program: programs::FROM_POD,
-            action: format!("attaching to tc ingress of {iface}"),
+            program: name,
+            action: format!("attaching to tc {direction:?} of {iface}"),
             source,
         };
-        let id = program.attach(iface, TcAttachType::Ingress).map_err(program_err)?;
+        let id = program.attach(iface, direction).map_err(program_err)?;
         program.take_link(id).map_err(program_err)
+    }
+
+    fn nodes_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], NodeEntry>, DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::NODES)
+            .ok_or(DatapathError::Missing { kind: "map", name: maps::NODES })?;
+        LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name: maps::NODES, source })
+    }
+
+    /// Every entry of the node table.
+    pub fn nodes(&mut self) -> Result<Vec<(Ipv4Net, NodeEntry)>, DatapathError> {
+        self.nodes_map()?
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(key, node)| {
+                        let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+                            .expect("the kernel keeps prefixes within 32 bits");
+                        (net, node)
+                    })
+                    .map_err(|source| DatapathError::Map { name: maps::NODES, source })
+            })
+            .collect()
+    }
+
+    /// Writes (or replaces) the node table entry of `net`.
+    pub fn set_node(&mut self, net: Ipv4Net, node: NodeEntry) -> Result<(), DatapathError> {
+        let key = LpmKey::new(u32::from(net.prefix_len()), net.network().octets());
+        self.nodes_map()?
+            .insert(&key, node, 0)
+            .map_err(|source| DatapathError::Map { name: maps::NODES, source })
+    }
+
+    /// Removes the node table entry of `net`, if there is one.
+    pub fn remove_node(&mut self, net: Ipv4Net) -> Result<(), DatapathError> {
+        let key = LpmKey::new(u32::from(net.prefix_len()), net.network().octets());
+        match self.nodes_map()?.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(source) => Err(DatapathError::Map { name: maps::NODES, source }),
+        }
     }
 
     fn endpoints_map(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {

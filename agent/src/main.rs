@@ -78,7 +78,7 @@ async fn main() -> Result<()> {
     if let Some(pins) = &pins {
         pins.prepare().context("preparing the bpffs pin directories")?;
     }
-    let mut datapath = Datapath::load(LogLevel::from_filter(&args.log), pins.as_ref())?;
+    let mut datapath = Datapath::load(LogLevel::from_filter(&args.log), pins.as_ref(), None)?;
     if let Some(logger) = datapath.take_logger() {
         tokio::spawn(forward_logs(logger));
     }

@@ -13,6 +13,8 @@ use nix::{
 };
 use tracing::info;
 
+use crate::datapath::Hook;
+
 /// Where Kubernetes nodes mount bpffs.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Default pin root of one node's agent.
@@ -36,7 +38,7 @@ pub enum PinError {
     },
 }
 
-/// The pin layout below one root: `maps/<MAP>` and `links/from_pod-<host veth>`.
+/// The pin layout below one root: `maps/<MAP>` and `links/<program>-<interface>`.
 #[derive(Clone, Debug)]
 pub struct Pins {
     root: PathBuf,
@@ -56,9 +58,9 @@ impl Pins {
         self.root.join("maps").join(name)
     }
 
-    /// Pin path of the tc link that attaches `from_pod` to the host-side veth `host_ifname`.
-    pub fn from_pod_link(&self, host_ifname: &str) -> PathBuf {
-        self.root.join("links").join(format!("from_pod-{host_ifname}"))
+    /// Pin path of the tc link of `hook` (a program on an interface).
+    pub fn link(&self, hook: Hook<'_>) -> PathBuf {
+        self.root.join("links").join(format!("{}-{}", hook.program, hook.iface))
     }
 
     /// Makes sure the root lies on a bpffs (mounting one at /sys/fs/bpf if nothing is mounted

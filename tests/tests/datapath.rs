@@ -52,13 +52,15 @@ fn every_program_in_the_object_passes_the_verifier() {
         loaded.push(name.to_owned());
     }
     loaded.sort();
-    assert_eq!(loaded, [programs::FROM_POD], "programs in the object");
+    let mut expected = programs::ALL.to_vec();
+    expected.sort();
+    assert_eq!(loaded, expected, "programs in the object");
 }
 
 #[test]
 fn from_pod_verdicts_on_crafted_packets() {
     require_root();
-    let mut datapath = Datapath::load(LogLevel::Off, None).expect("loading the datapath");
+    let mut datapath = Datapath::load(LogLevel::Off, None, None).expect("loading the datapath");
     let (a, b) = (Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 0, 3));
     let a_mac = [0x02, 0, 0, 0, 0, 2];
     // BPF_PROG_TEST_RUN runs tc programs on the loopback device: ifindex 1.
@@ -117,7 +119,7 @@ fn from_pod_verdicts_on_crafted_packets() {
 #[test]
 fn from_pod_on_a_veth_counts_real_packets_it_passes_to_the_node() {
     let net = NodeAndPod::new();
-    let mut datapath = Datapath::load(LogLevel::Off, None).expect("loading the datapath");
+    let mut datapath = Datapath::load(LogLevel::Off, None, None).expect("loading the datapath");
     let (ifindex, host_mac) = net.node.link(NodeAndPod::HOST_IF);
     let (_, pod_mac) = net.pod.link(NodeAndPod::POD_IF);
     datapath

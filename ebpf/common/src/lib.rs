@@ -21,6 +21,20 @@ pub enum Reason {
     DropSpoofedMac = 5,
     /// TTL would reach zero when forwarded.
     DropTtlExceeded = 6,
+    /// Sent into the VXLAN tunnel toward the node owning the destination's pod CIDR.
+    RedirectOverlay = 7,
+    /// Destination is in the cluster's pod range, but no node owns its pod CIDR (any more).
+    DropNoNode = 8,
+    /// Destination is in this node's pod CIDR, but no pod holds it.
+    DropNoEndpoint = 9,
+    /// Arrived through the tunnel and delivered into a pod on this node.
+    RedirectFromOverlay = 10,
+    /// Arrived through the tunnel with an inner source that the sending node does not own.
+    DropOverlaySpoofed = 11,
+    /// Sent by the node's own stack toward a remote pod, put into the tunnel.
+    EncapHost = 12,
+    /// The kernel refused the tunnel key or the redirect into the tunnel.
+    DropEncapFailed = 13,
 }
 
 impl Reason {
@@ -28,7 +42,7 @@ impl Reason {
     pub const SLOTS: u32 = 64;
 
     /// Every reason, in number order.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 14] = [
         Reason::PassToStack,
         Reason::PassNotIpv4,
         Reason::DropMalformed,
@@ -36,6 +50,13 @@ impl Reason {
         Reason::DropSpoofedIp,
         Reason::DropSpoofedMac,
         Reason::DropTtlExceeded,
+        Reason::RedirectOverlay,
+        Reason::DropNoNode,
+        Reason::DropNoEndpoint,
+        Reason::RedirectFromOverlay,
+        Reason::DropOverlaySpoofed,
+        Reason::EncapHost,
+        Reason::DropEncapFailed,
     ];
 
     /// The reason with this number, if it is one.
@@ -53,6 +74,13 @@ impl Reason {
             Reason::DropSpoofedIp => "drop-spoofed-ip",
             Reason::DropSpoofedMac => "drop-spoofed-mac",
             Reason::DropTtlExceeded => "drop-ttl-exceeded",
+            Reason::RedirectOverlay => "redirect-overlay",
+            Reason::DropNoNode => "drop-no-node",
+            Reason::DropNoEndpoint => "drop-no-endpoint",
+            Reason::RedirectFromOverlay => "redirect-from-overlay",
+            Reason::DropOverlaySpoofed => "drop-overlay-spoofed",
+            Reason::EncapHost => "encap-host",
+            Reason::DropEncapFailed => "drop-encap-failed",
         }
     }
 
@@ -64,6 +92,10 @@ impl Reason {
                 | Reason::DropSpoofedIp
                 | Reason::DropSpoofedMac
                 | Reason::DropTtlExceeded
+                | Reason::DropNoNode
+                | Reason::DropNoEndpoint
+                | Reason::DropOverlaySpoofed
+                | Reason::DropEncapFailed
         )
     }
 }
@@ -101,6 +133,33 @@ pub struct Endpoint {
 #[cfg(feature = "user")]
 // SAFETY: plain-old-data, 20 bytes with no padding (two u32, two [u8; 6]).
 unsafe impl aya::Pod for Endpoint {}
+
+/// Value of `NODES_V1`, an LPM trie keyed by IPv4 prefix (address bytes in network order): who
+/// owns a pod CIDR, or a node's own underlay address (as a /32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// The owning node's underlay IPv4 address, network byte order.
+    pub addr: [u8; 4],
+    /// `node_flags::*`.
+    pub flags: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain-old-data, 8 bytes with no padding.
+unsafe impl aya::Pod for NodeEntry {}
+
+/// Flags of [`NodeEntry`].
+pub mod node_flags {
+    /// This node's own pod CIDR: its pods are in `ENDPOINTS_V1`, never tunnelled.
+    pub const LOCAL: u32 = 1;
+    /// The cluster's whole pod range, below every node's CIDR: matches only addresses that no
+    /// node owns.
+    pub const NO_NODE: u32 = 2;
+}
+
+/// Most entries of `NODES_V1`: a pod CIDR and an address per node, and the cluster range.
+pub const MAX_NODES: u32 = 16384;
 
 /// Most endpoints one node holds (Kubernetes' default is 110 pods per node).
 pub const MAX_ENDPOINTS: u32 = 4096;

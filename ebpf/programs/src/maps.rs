@@ -1,9 +1,31 @@
-//! Maps the agent fills and the programs read.
+//! Maps the agent fills and the programs read, and the load-time configuration.
 
-use aya_ebpf::{macros::map, maps::HashMap};
-use podwire_common::{Endpoint, EndpointKey, MAX_ENDPOINTS};
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::Key, HashMap, LpmTrie},
+    Global,
+};
+use podwire_common::{Endpoint, EndpointKey, NodeEntry, MAX_ENDPOINTS, MAX_NODES};
 
 /// Pods on this node by IPv4 address: their host-side veth and MACs.
 #[map]
 pub static ENDPOINTS_V1: HashMap<EndpointKey, Endpoint> =
     HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Pod CIDRs (and underlay addresses) to the node owning them, longest prefix first.
+#[map]
+pub static NODES_V1: LpmTrie<[u8; 4], NodeEntry> = LpmTrie::with_max_entries(MAX_NODES, 0);
+
+/// ifindex of the agent's collect_md VXLAN device; 0 without an overlay. Set at load time.
+#[unsafe(no_mangle)]
+pub static VXLAN_IFINDEX: Global<u32> = Global::new(0);
+
+/// VXLAN network identifier of the cluster's tunnel. Set at load time.
+#[unsafe(no_mangle)]
+pub static VNI: Global<u32> = Global::new(1);
+
+/// The node owning `addr` (network byte order), if any prefix covers it.
+#[inline(always)]
+pub fn node_of(addr: [u8; 4]) -> Option<NodeEntry> {
+    NODES_V1.get(Key::new(32, addr)).copied()
+}

@@ -1,0 +1,79 @@
+//! `from_overlay`: tc ingress of the agent's VXLAN device. Sees every packet other nodes tunnelled
+//! to this one, already decapsulated, with the tunnel's remote address in its metadata.
+//!
+//! The inner source must be owned by the node that sent it (one of its pods, or the node itself):
+//! anti-spoofing across nodes. A packet for a pod here is delivered straight into it; one for
+//! this node's pod CIDR that no pod holds is dropped; anything else (the node's own addresses) goes
+//! up the host stack.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+use podwire_common::{node_flags, Reason};
+
+use crate::{
+    counters::verdict,
+    deliver,
+    maps::{node_of, ENDPOINTS_V1},
+    parse::ptr_at,
+    tunnel, Verdict, DROP_MALFORMED,
+};
+
+/// skb->pkt_type for a packet addressed to this host.
+const PACKET_HOST: u32 = 0;
+
+#[classifier]
+pub fn from_overlay(ctx: TcContext) -> i32 {
+    let (reason, action) = match try_from_overlay(&ctx) {
+        Ok(v) => v,
+        Err(v) => v,
+    };
+    verdict(&ctx, reason, action)
+}
+
+fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    const SPOOFED: Verdict = (Reason::DropOverlaySpoofed, TC_ACT_SHOT as i32);
+    let remote = tunnel::remote(ctx).ok_or(SPOOFED)?;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
+    // SAFETY: ptr_at checked the header lies inside the packet.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+        return Err(SPOOFED);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(DROP_MALFORMED)?;
+    // SAFETY: as above.
+    let ip = unsafe { &*ip };
+    if ip.ihl() < Ipv4Hdr::LEN as u8 {
+        return Err(DROP_MALFORMED);
+    }
+    match node_of(ip.src_addr) {
+        Some(node) if node.flags == 0 && node.addr == remote => {}
+        _ => {
+            debug!(
+                ctx,
+                "from_overlay: drop, {:i} from {:i} is not that node's",
+                ip.src_addr(),
+                core::net::Ipv4Addr::from(remote)
+            );
+            return Err(SPOOFED);
+        }
+    }
+    // SAFETY: map values are only read here; the agent replaces them whole.
+    if let Some(dest) = unsafe { ENDPOINTS_V1.get(&ip.dst_addr) } {
+        debug!(ctx, "from_overlay: {:i} -> {:i}: local pod", ip.src_addr(), ip.dst_addr());
+        return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay);
+    }
+    if node_of(ip.dst_addr).is_some_and(|n| n.flags & node_flags::LOCAL != 0) {
+        return Err((Reason::DropNoEndpoint, TC_ACT_SHOT as i32));
+    }
+    // The inner frame carries the sending node's MACs; the device is NOARP, so nothing here
+    // matches them and the stack would take the packet for another host.
+    ctx.change_type(PACKET_HOST).map_err(|_| DROP_MALFORMED)?;
+    Ok((Reason::PassToStack, TC_ACT_OK as i32))
+}

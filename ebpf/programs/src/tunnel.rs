@@ -1,0 +1,64 @@
+//! Putting packets into the cluster's VXLAN tunnel and reading where they came from.
+//!
+//! The agent's VXLAN device is in collect_md ("external") mode: the kernel encapsulates in VXLAN
+//! whatever the program hands it, to the remote and VNI set with bpf_skb_set_tunnel_key. That
+//! keeps the kernel's own UDP/VXLAN path (GSO, checksum offload, the routing of the outer
+//! packet) instead of writing outer headers in the program.
+
+use aya_ebpf::{
+    bindings::{bpf_tunnel_key, BPF_F_ZERO_CSUM_TX},
+    helpers::generated::{bpf_redirect, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+    programs::TcContext,
+};
+use podwire_common::NodeEntry;
+
+use crate::maps::{VNI, VXLAN_IFINDEX};
+
+/// Key size up to (not including) `tunnel_label`: accepted by every kernel since 4.3, while the
+/// full struct grew in 6.0 (local_ipv4, commit 26101f5ab6bd) and older kernels reject it.
+const KEY_SIZE: u32 = core::mem::offset_of!(bpf_tunnel_key, tunnel_label) as u32;
+
+/// Sets the tunnel key toward `node`. Errors are the helper's.
+#[inline(always)]
+pub fn set_key(ctx: &TcContext, node: &NodeEntry) -> Result<(), i64> {
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = VNI.load();
+    // The helper wants the remote address in host byte order.
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node.addr);
+    key.tunnel_ttl = 64;
+    // SAFETY: key is a live stack object of at least KEY_SIZE bytes.
+    let ret = unsafe {
+        bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, KEY_SIZE, u64::from(BPF_F_ZERO_CSUM_TX))
+    };
+    if ret < 0 {
+        return Err(ret);
+    }
+    Ok(())
+}
+
+/// Sets the tunnel key toward `node` and redirects to the VXLAN device's egress; the TC action.
+#[inline(always)]
+pub fn redirect_to(ctx: &TcContext, node: &NodeEntry) -> Result<i32, i64> {
+    set_key(ctx, node)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(VXLAN_IFINDEX.load(), 0) } as i32)
+}
+
+/// The underlay address (network byte order) the packet was tunnelled from, if it came through
+/// a tunnel.
+#[inline(always)]
+pub fn remote(ctx: &TcContext) -> Option<[u8; 4]> {
+    // SAFETY: all-zero is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: key is a live stack object of at least KEY_SIZE bytes.
+    let ret = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, KEY_SIZE, 0) };
+    // SAFETY: the helper filled the IPv4 member (flags 0).
+    (ret == 0).then(|| unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes())
+}
+
+/// Whether an overlay is configured on this node.
+#[inline(always)]
+pub fn enabled() -> bool {
+    VXLAN_IFINDEX.load() != 0
+}
