@@ -1,1 +1,55 @@
-fn main() {}
+//! `podwire`: inspects a node's datapath by reading its pinned maps in bpffs directly, so it
+//! works whether or not the agent is running.
+
+mod counters;
+mod endpoints;
+mod maps;
+mod output;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{CommandFactory as _, Parser, Subcommand};
+use podwire_agent::pins;
+
+#[derive(Parser)]
+#[command(version, about = "Inspect podwire's datapath on this node")]
+struct Cli {
+    /// bpffs directory the node's agent pins its maps in.
+    #[arg(long, global = true, env = "PODWIRE_BPFFS", default_value = pins::DEFAULT_ROOT)]
+    bpffs: PathBuf,
+
+    /// Output format: tables for people, JSON for scripts.
+    #[arg(short, long, global = true, value_enum, default_value_t = output::Format::Table)]
+    output: output::Format,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pods on this node as the datapath knows them.
+    Endpoints,
+    /// Packets and bytes per verdict reason, summed over CPUs.
+    Counters {
+        /// Only reasons that counted something.
+        #[arg(long)]
+        nonzero: bool,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let pins = pins::Pins::new(&cli.bpffs);
+    match cli.command {
+        Command::Endpoints => output::print(cli.output, &endpoints::read(&pins)?),
+        Command::Counters { nonzero } => output::print(cli.output, &counters::read(&pins, nonzero)?),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "podwire", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}

@@ -35,8 +35,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Bring up a demo node and pod in network namespaces, show podwire counting their traffic,
-    /// and tear everything down.
+    /// Bring up a node running the agent and pods wired through the CNI plugin, show pod-to-pod
+    /// traffic carried by the eBPF datapath and its counters, and tear everything down.
     Demo,
     /// Run the unit tests and the kernel integration tests (needs root).
     Test {
@@ -65,6 +65,7 @@ fn main() -> Result<()> {
             return Err(cmd.exec()).with_context(|| format!("executing {}", agent.display()));
         }
         Cmd::Demo => {
+            toolchain::ensure(toolchain::Needs::Run)?;
             let bins = build::all(false)?;
             demo::run(&bins)?;
         }

@@ -1,0 +1,58 @@
+//! `podwire endpoints`: the endpoint map.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, Map};
+use podwire_agent::{datapath::maps::ENDPOINTS, mac::Mac, pins::Pins};
+use podwire_common::Endpoint;
+use serde::Serialize;
+
+use crate::output::Row;
+
+#[derive(Serialize)]
+pub struct EndpointRow {
+    ip: Ipv4Addr,
+    ifindex: u32,
+    host_veth: String,
+    pod_mac: Mac,
+    host_mac: Mac,
+}
+
+impl Row for EndpointRow {
+    const HEADER: &'static [&'static str] = &["IP", "IFINDEX", "HOST VETH", "POD MAC", "HOST MAC"];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.ip.to_string(),
+            self.ifindex.to_string(),
+            self.host_veth.clone(),
+            self.pod_mac.to_string(),
+            self.host_mac.to_string(),
+        ]
+    }
+}
+
+pub fn read(pins: &Pins) -> Result<Vec<EndpointRow>> {
+    let map: HashMap<_, [u8; 4], Endpoint> =
+        HashMap::try_from(crate::maps::open(pins, ENDPOINTS, Map::HashMap)?)?;
+    let mut rows = map
+        .iter()
+        .map(|entry| {
+            let (key, ep) = entry.context("reading the endpoint map")?;
+            Ok(EndpointRow {
+                ip: Ipv4Addr::from(key),
+                ifindex: ep.ifindex,
+                // Names resolve in this process's network namespace: run it in the node's.
+                host_veth: nix::net::if_::if_indextoname(ep.ifindex)
+                    .ok()
+                    .and_then(|n| n.into_string().ok())
+                    .unwrap_or_else(|| "-".into()),
+                pod_mac: Mac(ep.pod_mac),
+                host_mac: Mac(ep.host_mac),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    rows.sort_by_key(|r| r.ip);
+    Ok(rows)
+}
