@@ -53,7 +53,8 @@ pub enum Request {
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
     Status { node: String, pod_cidr: Ipv4Net },
-    Allocated { ip: Ipv4Addr, pod_cidr: Ipv4Net },
+    /// `mtu`: the pod MTU the node wants (underlay MTU less the tunnel's overhead).
+    Allocated { ip: Ipv4Addr, pod_cidr: Ipv4Net, mtu: u32 },
     Registered,
     Released { ip: Option<Ipv4Addr> },
     Checked { endpoint: EndpointRecord },

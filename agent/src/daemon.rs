@@ -4,7 +4,9 @@
 use std::{net::Ipv4Addr, path::Path, sync::Arc};
 
 use futures::TryStreamExt as _;
-use podwire_common::Endpoint;
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use podwire_common::{node_flags, Endpoint, NodeEntry};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -14,6 +16,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     api::{ApiError, Attachment, ErrorKind, Reply, Request},
+    cluster::{Cluster, NodeInfo},
+    overlay::{self, VXLAN_DEV},
     datapath::{Datapath, DatapathError, Hook},
     pins::Pins,
     state::{EndpointRecord, State, StateError, Wiring},
@@ -26,6 +30,17 @@ pub struct Daemon {
     state: State,
     pins: Pins,
     netlink: rtnetlink::Handle,
+    /// MTU handed to pods whose plugin configuration sets none.
+    pod_mtu: u32,
+    overlay: Option<OverlayNode>,
+}
+
+/// This node in the overlay.
+pub struct OverlayNode {
+    /// The node's underlay address (from the cluster description).
+    pub address: Ipv4Addr,
+    /// ifindex of the VXLAN device.
+    pub vxlan_index: u32,
 }
 
 impl From<DatapathError> for ApiError {
@@ -69,9 +84,16 @@ impl Daemon {
         mut datapath: Datapath,
         state: State,
         pins: Pins,
+        pod_mtu: u32,
+        overlay: Option<OverlayNode>,
     ) -> anyhow::Result<Daemon> {
         let (connection, netlink, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
+        if overlay.is_some() {
+            for hook in Hook::overlay(VXLAN_DEV) {
+                datapath.attach_pinned(hook, &pins.link(hook))?;
+            }
+        }
         let known: std::collections::HashSet<Ipv4Addr> = state.endpoints().map(|e| e.ip).collect();
         for (ip, _) in datapath.endpoints()? {
             if !known.contains(&ip) {
@@ -79,7 +101,7 @@ impl Daemon {
                 datapath.remove_endpoint(ip)?;
             }
         }
-        let mut daemon = Daemon { node, datapath, state, pins, netlink };
+        let mut daemon = Daemon { node, datapath, state, pins, netlink, pod_mtu, overlay };
         let records: Vec<EndpointRecord> = daemon.state.endpoints().cloned().collect();
         for record in records {
             let Some(wiring) = &record.wiring else { continue };
@@ -135,7 +157,7 @@ impl Daemon {
             Request::Allocate { attachment, netns } => {
                 let ip = self.state.allocate(&attachment, &netns)?;
                 info!(container = %attachment.container_id, %ip, "address allocated");
-                Ok(Reply::Allocated { ip, pod_cidr: self.state.pod_cidr() })
+                Ok(Reply::Allocated { ip, pod_cidr: self.state.pod_cidr(), mtu: self.pod_mtu })
             }
             Request::Register { attachment, host_ifname, host_mac, pod_mac } => {
                 let record = self.state.get(&attachment).cloned().ok_or_else(|| {
@@ -173,6 +195,47 @@ impl Daemon {
                 Ok(Reply::Collected { removed: stale })
             }
         }
+    }
+
+    /// Brings the node table, the overlay routes and the masquerade rules in line with `cluster`.
+    /// Nodes that left lose their entries at once, so traffic to their pods is dropped (counted)
+    /// instead of leaving the node.
+    pub async fn apply_cluster(&mut self, cluster: &Cluster) -> anyhow::Result<()> {
+        let overlay = self.overlay.as_ref().context("no overlay on this node")?;
+        let own_cidr = self.state.pod_cidr();
+        let mut want: Vec<(Ipv4Net, NodeEntry)> = Vec::new();
+        if let Some(cidr) = cluster.cluster_cidr {
+            want.push((cidr, NodeEntry { addr: [0; 4], flags: node_flags::NO_NODE }));
+        }
+        want.push((own_cidr, NodeEntry { addr: overlay.address.octets(), flags: node_flags::LOCAL }));
+        let remote: Vec<&NodeInfo> = cluster.nodes.iter().filter(|n| n.address != overlay.address).collect();
+        for node in &remote {
+            let entry = NodeEntry { addr: node.address.octets(), flags: 0 };
+            want.push((node.pod_cidr, entry));
+            // Pods reach other nodes' own addresses through the tunnel too, so their replies,
+            // which come back through it, match what was sent.
+            want.push((Ipv4Net::from(node.address), entry));
+        }
+        let have = self.datapath.nodes()?;
+        for (net, _) in &have {
+            if !want.iter().any(|(w, _)| w == net) {
+                self.datapath.remove_node(*net)?;
+            }
+        }
+        for (net, entry) in &want {
+            if !have.contains(&(*net, *entry)) {
+                self.datapath.set_node(*net, *entry)?;
+            }
+        }
+        let remote_cidrs: Vec<Ipv4Net> = remote.iter().map(|n| n.pod_cidr).collect();
+        overlay::sync_routes(&self.netlink, overlay.vxlan_index, overlay.address, &remote_cidrs).await?;
+        let pod_ranges = match cluster.cluster_cidr {
+            Some(cidr) => vec![cidr],
+            None => cluster.nodes.iter().map(|n| n.pod_cidr).collect(),
+        };
+        overlay::sync_masquerade(own_cidr, &pod_ranges)?;
+        info!(nodes = cluster.nodes.len(), remote = remote.len(), "cluster applied");
+        Ok(())
     }
 
     /// Writes the endpoint map entry and attaches `from_pod` to the host-side veth.

@@ -3,8 +3,10 @@
 //! The `podwire-agent` binary, the CNI plugin and the integration tests use it.
 
 pub mod api;
+pub mod cluster;
 pub mod daemon;
 pub mod datapath;
 pub mod mac;
+pub mod overlay;
 pub mod pins;
 pub mod state;

@@ -5,15 +5,17 @@
 //! `--iface` attaches `from_pod` to an interface for the developer's loop (`cargo xtask run`);
 //! those attachments, unlike the pods', are removed when the agent exits.
 
-use std::{io::IsTerminal as _, path::PathBuf, sync::Arc};
+use std::{io::IsTerminal as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use ipnet::Ipv4Net;
 use podwire_agent::{
     api,
-    daemon::{self, Daemon},
-    datapath::{Datapath, LogLevel, Logger},
+    cluster::{ClusterSource as _, FileSource},
+    daemon::{self, Daemon, OverlayNode},
+    datapath::{Datapath, LogLevel, Logger, Overlay},
+    overlay,
     pins::{self, Pins},
     state::State,
 };
@@ -26,10 +28,29 @@ use tracing::{info, warn};
 #[derive(Parser)]
 #[command(version, about = "podwire node agent")]
 struct Args {
-    /// This node's pod CIDR: pod addresses are allocated from it. Without it the agent serves no
-    /// pods and only attaches to the `--iface` interfaces.
+    /// The cluster description (JSON: clusterCIDR and nodes with name, address, podCIDR),
+    /// re-read when it changes. This node's pod CIDR and underlay address come from it, and
+    /// traffic to other nodes' pods goes through a VXLAN tunnel.
+    #[arg(long, value_name = "FILE", conflicts_with = "pod_cidr")]
+    cluster_file: Option<PathBuf>,
+
+    /// This node's pod CIDR, for a node alone (no overlay): pod addresses are allocated from it.
+    /// Without it or --cluster-file the agent serves no pods and only attaches to `--iface`s.
     #[arg(long, value_name = "CIDR")]
     pod_cidr: Option<Ipv4Net>,
+
+    /// VXLAN network identifier of the overlay.
+    #[arg(long, default_value_t = 1)]
+    vni: u32,
+
+    /// UDP port of the overlay.
+    #[arg(long, default_value_t = 4789)]
+    vxlan_port: u16,
+
+    /// Pod MTU; by default the underlay interface's MTU less the VXLAN overhead (50 bytes), or
+    /// 1500 without an overlay.
+    #[arg(long)]
+    mtu: Option<u32>,
 
     /// This node's name, as the cluster knows it.
     #[arg(long, env = "NODE_NAME", default_value_t = hostname())]
@@ -74,11 +95,31 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let pins = args.pod_cidr.map(|_| Pins::new(&args.bpffs));
+    let serving = args.pod_cidr.is_some() || args.cluster_file.is_some();
+    let pins = serving.then(|| Pins::new(&args.bpffs));
     if let Some(pins) = &pins {
         pins.prepare().context("preparing the bpffs pin directories")?;
     }
-    let mut datapath = Datapath::load(LogLevel::from_filter(&args.log), pins.as_ref(), None)?;
+    let mut cluster_source = args
+        .cluster_file
+        .clone()
+        .map(|path| FileSource::new(path, Duration::from_secs(1)));
+    let mut setup = None;
+    if let Some(source) = &mut cluster_source {
+        let cluster = source.next().await?;
+        let me = cluster.node(&args.node_name).cloned().with_context(|| {
+            format!("node {} is not in the cluster file {:?}", args.node_name, args.cluster_file)
+        })?;
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(connection);
+        let underlay = overlay::underlay(&handle, me.address).await?;
+        let pod_mtu = args.mtu.unwrap_or(underlay.mtu - overlay::VXLAN_OVERHEAD);
+        let vxlan_index = overlay::ensure_vxlan(&handle, args.vxlan_port, underlay.mtu - overlay::VXLAN_OVERHEAD).await?;
+        info!(underlay = %underlay.name, underlay_mtu = underlay.mtu, pod_mtu, vni = args.vni, "overlay device {} ready", overlay::VXLAN_DEV);
+        setup = Some((cluster, me, pod_mtu, vxlan_index));
+    }
+    let overlay_config = setup.as_ref().map(|(_, _, _, ifindex)| Overlay { ifindex: *ifindex, vni: args.vni });
+    let mut datapath = Datapath::load(LogLevel::from_filter(&args.log), pins.as_ref(), overlay_config)?;
     if let Some(logger) = datapath.take_logger() {
         tokio::spawn(forward_logs(logger));
     }
@@ -89,11 +130,33 @@ async fn main() -> Result<()> {
         info!(iface = %iface, "attached from_pod to tc ingress");
     }
 
-    let daemon = match (args.pod_cidr, pins) {
+    let pod_cidr = args.pod_cidr.or(setup.as_ref().map(|(_, me, _, _)| me.pod_cidr));
+    let daemon = match (pod_cidr, pins) {
         (Some(pod_cidr), Some(pins)) => {
             let state = State::open(&args.state_dir, pod_cidr)?;
-            let daemon = Daemon::start(args.node_name.clone(), datapath, state, pins).await?;
+            let pod_mtu = setup.as_ref().map_or(args.mtu.unwrap_or(1500), |(_, _, mtu, _)| *mtu);
+            let overlay_node = setup
+                .as_ref()
+                .map(|(_, me, _, vxlan_index)| OverlayNode { address: me.address, vxlan_index: *vxlan_index });
+            let mut daemon = Daemon::start(args.node_name.clone(), datapath, state, pins, pod_mtu, overlay_node).await?;
+            if let Some((cluster, _, _, _)) = &setup {
+                daemon.apply_cluster(cluster).await?;
+            }
             let daemon = Arc::new(tokio::sync::Mutex::new(daemon));
+            if let Some(mut source) = cluster_source {
+                let daemon = daemon.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let result = match source.next().await {
+                            Ok(cluster) => daemon.lock().await.apply_cluster(&cluster).await,
+                            Err(e) => Err(e.into()),
+                        };
+                        if let Err(e) = result {
+                            warn!("cluster update: {e:#}");
+                        }
+                    }
+                });
+            }
             let listener = daemon::bind(&args.socket)
                 .with_context(|| format!("binding the API socket {}", args.socket.display()))?;
             tokio::spawn(Daemon::serve(daemon.clone(), listener));

@@ -1,7 +1,7 @@
 //! `podwire counters`: verdicts per reason.
 
-use anyhow::Result;
-use aya::maps::{Map, PerCpuArray};
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, PerCpuArray};
 use podwire_agent::{datapath::maps::COUNTERS, pins::Pins};
 use podwire_common::{Counter, Reason};
 use serde::Serialize;
@@ -33,11 +33,12 @@ fn verdict(reason: Reason) -> &'static str {
 }
 
 pub fn read(pins: &Pins, nonzero: bool) -> Result<Vec<CounterRow>> {
-    let map: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(crate::maps::open(pins, COUNTERS, Map::PerCpuArray)?)?;
+    let map: PerCpuArray<MapData, Counter> = crate::maps::open(pins, COUNTERS)?;
     let mut rows = Vec::new();
     for reason in Reason::ALL {
-        let per_cpu = map.get(&(reason as u32), 0)?;
+        let per_cpu = map
+            .get(&(reason as u32), 0)
+            .with_context(|| format!("reading {} of {}", reason.name(), pins.map(COUNTERS).display()))?;
         let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         if nonzero && packets == 0 {
             continue;

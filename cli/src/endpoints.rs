@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, Map};
+use aya::maps::{HashMap, MapData};
 use podwire_agent::{datapath::maps::ENDPOINTS, mac::Mac, pins::Pins};
 use podwire_common::Endpoint;
 use serde::Serialize;
@@ -34,12 +34,11 @@ impl Row for EndpointRow {
 }
 
 pub fn read(pins: &Pins) -> Result<Vec<EndpointRow>> {
-    let map: HashMap<_, [u8; 4], Endpoint> =
-        HashMap::try_from(crate::maps::open(pins, ENDPOINTS, Map::HashMap)?)?;
+    let map: HashMap<MapData, [u8; 4], Endpoint> = crate::maps::open(pins, ENDPOINTS)?;
     let mut rows = map
         .iter()
         .map(|entry| {
-            let (key, ep) = entry.context("reading the endpoint map")?;
+            let (key, ep) = entry.with_context(|| format!("reading {}", pins.map(ENDPOINTS).display()))?;
             Ok(EndpointRow {
                 ip: Ipv4Addr::from(key),
                 ifindex: ep.ifindex,

@@ -8,8 +8,9 @@ mod output;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
+use nix::sys::signal::{signal, SigHandler, Signal};
 use podwire_agent::pins;
 
 #[derive(Parser)]
@@ -42,6 +43,10 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    // Rust ignores SIGPIPE, so writing to a closed pipe (`podwire counters | head -1`) would
+    // panic; dying of the signal instead is what scripts expect of a Unix tool.
+    // SAFETY: still single-threaded, and SIG_DFL runs no handler code.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.context("restoring SIGPIPE")?;
     let cli = Cli::parse();
     let pins = pins::Pins::new(&cli.bpffs);
     match cli.command {

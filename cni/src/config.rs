@@ -11,9 +11,6 @@ use crate::{
     version,
 };
 
-/// Default pod MTU; the overlay lowers it by its encapsulation overhead.
-pub const DEFAULT_MTU: u32 = 1500;
-
 /// podwire's network configuration (one plugin entry of a conflist, as the runtime passes it).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -26,7 +23,7 @@ pub struct NetConf {
     #[serde(rename = "type")]
     #[expect(dead_code, reason = "only its presence is checked")]
     pub plugin_type: String,
-    /// Pod interface MTU.
+    /// Pod interface MTU; by default the node's (its underlay MTU less the tunnel overhead).
     pub mtu: Option<u32>,
     /// Unix socket of the node's podwire agent.
     pub agent_socket: Option<PathBuf>,
@@ -80,10 +77,6 @@ impl NetConf {
 
     pub fn socket(&self) -> PathBuf {
         self.agent_socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
-    }
-
-    pub fn mtu(&self) -> u32 {
-        self.mtu.unwrap_or(DEFAULT_MTU)
     }
 
     /// An error of this configuration's version.

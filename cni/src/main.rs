@@ -77,12 +77,13 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
     let attachment = config::attachment("ADD")?;
     let netns = config::required("CNI_NETNS", "ADD")?;
     let netlink = Netlink::open(Some(&netns))?;
-    let ip = match call(conf, &Request::Allocate { attachment: attachment.clone(), netns: netns.clone() })? {
-        Reply::Allocated { ip, .. } => ip,
+    let (ip, node_mtu) = match call(conf, &Request::Allocate { attachment: attachment.clone(), netns: netns.clone() })? {
+        Reply::Allocated { ip, mtu, .. } => (ip, mtu),
         other => return Err(unexpected(other)),
     };
     let host_ifname = wire::host_ifname(&attachment);
-    match wire_up(conf, &netlink, &attachment, &host_ifname, &netns, ip).await {
+    let mtu = conf.mtu.unwrap_or(node_mtu);
+    match wire_up(conf, &netlink, &attachment, &host_ifname, &netns, ip, mtu).await {
         Ok(result) => Ok(result),
         Err(e) => {
             // Leave nothing behind: the veth (its peer goes with it) and the address.
@@ -100,10 +101,10 @@ async fn wire_up(
     host_ifname: &str,
     netns: &str,
     ip: std::net::Ipv4Addr,
+    mtu: u32,
 ) -> Result<String, CniError> {
     // A leftover of an earlier ADD of this attachment (the runtime should have called DEL).
     netlink.delete_host_veth(host_ifname).await?;
-    let mtu = conf.mtu();
     let (host_mac, pod_mac) = netlink.create(host_ifname, &attachment.ifname, ip, mtu).await?;
     call(
         conf,

@@ -324,7 +324,8 @@ pub const CNI_VERSION: &str = "1.1.0";
 pub struct Node {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
-    pub pod_cidr: String,
+    /// What tells the agent its pod CIDR: `--pod-cidr ...` or `--cluster-file ... --node-name ...`.
+    agent_args: Vec<String>,
     pub state_dir: tempfile::TempDir,
     pub pins: PathBuf,
     agent: Option<Daemon>,
@@ -367,9 +368,15 @@ impl Node {
     /// Creates the node namespace with `ip` on its loopback (the node's own address, which it
     /// reaches pods from) and starts an agent for `pod_cidr`.
     pub fn start(ip: Ipv4Addr, pod_cidr: &str) -> Node {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
         let ns = NetNs::new("node");
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        Self::start_in(ns, ip, vec!["--pod-cidr".into(), pod_cidr.into()])
+    }
+
+    /// Starts an agent in `ns` (which holds `ip`) with `agent_args` saying where its pod CIDR
+    /// comes from.
+    pub fn start_in(ns: NetNs, ip: Ipv4Addr, agent_args: Vec<String>) -> Node {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         let pins = PathBuf::from(format!(
             "/sys/fs/bpf/pwt-{}-{}",
             std::process::id(),
@@ -378,7 +385,7 @@ impl Node {
         let mut node = Node {
             ns,
             ip,
-            pod_cidr: pod_cidr.to_owned(),
+            agent_args,
             state_dir: tempfile::tempdir().expect("state dir"),
             pins,
             agent: None,
@@ -402,7 +409,7 @@ impl Node {
     /// Starts the agent and waits until it serves CNI requests.
     pub fn start_agent(&mut self) {
         let mut cmd = self.command(bin("podwire-agent"));
-        cmd.args(["--pod-cidr", &self.pod_cidr, "--node-name", self.ns.name()])
+        cmd.args(&self.agent_args)
             .arg("--state-dir")
             .arg(self.state_dir.path())
             .arg("--socket")
@@ -423,13 +430,12 @@ impl Node {
         log
     }
 
-    /// podwire's network configuration for this node.
+    /// podwire's network configuration for this node (no `mtu`: the node's applies).
     pub fn conf(&self) -> serde_json::Value {
         serde_json::json!({
             "cniVersion": CNI_VERSION,
             "name": "podwire",
             "type": "podwire-cni",
-            "mtu": 1500,
             "agentSocket": self.socket(),
         })
     }

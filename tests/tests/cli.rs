@@ -1,61 +1,271 @@
-//! The `podwire` CLI reads the node's pinned maps, with the agent down, as an operator would run
-//! it on the node: tables for people, JSON for scripts.
+//! The `podwire` CLI reads the node's pinned maps with the agent down, as an operator would run it
+//! on the node: tables for people, JSON for scripts. The maps are real (pinned by the datapath
+//! loader or by the agent), the counts come from packets the kernel program judged, and the CLI
+//! is the built binary.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
-use podwire_common::Reason;
-use podwire_tests::{bin, ping, Node};
+use aya::{
+    maps::MapData,
+    programs::{TestRun as _, TestRunOptions},
+};
+use podwire_agent::{
+    datapath::{maps, programs, Datapath, LogLevel},
+    pins::Pins,
+};
+use podwire_common::{Endpoint, Reason};
+use podwire_tests::{bin, packet, ping, require_root, run, NetNs, Node};
+use serde_json::{json, Value};
 
-fn podwire(node: &Node, args: &[&str]) -> std::process::Output {
-    node.command(bin("podwire")).arg("--bpffs").arg(&node.pins).args(args).output().expect("podwire")
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A pin root of its own below /sys/fs/bpf, removed with everything pinned in it on drop, also
+/// when the test fails.
+struct PinRoot(PathBuf);
+
+impl PinRoot {
+    fn new() -> PinRoot {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        PinRoot(PathBuf::from(format!(
+            "/sys/fs/bpf/pwt-cli-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )))
+    }
+
+    fn pins(&self) -> Pins {
+        Pins::new(&self.0)
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        // Unlinking a pin releases the map once nothing else holds it.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `podwire args...` in `netns`'s network namespace only (not its mount namespace, as `ip netns
+/// exec` would do), so interface names resolve as on the node and the bpffs pins stay visible.
+fn podwire(netns: &NetNs, args: &[&str]) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", netns.name())).arg(bin("podwire")).args(args);
+    cmd
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("UTF-8 output")
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("output is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The whitespace-separated cells of the table rows after the header.
+fn table_rows(table: &str) -> Vec<Vec<String>> {
+    table.lines().skip(1).map(|l| l.split_whitespace().map(str::to_owned).collect()).collect()
 }
 
 #[test]
-fn endpoints_and_counters_from_pinned_maps_with_the_agent_down() {
+fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
+    require_root();
+    // The node's namespace: interface names are resolved in it.
+    let node = NetNs::new("node");
+    node.ip(&["link", "add", "pwcli0", "type", "veth", "peer", "name", "pwcli0p"]);
+    let (veth_ifindex, _) = node.link("pwcli0");
+
+    let root = PinRoot::new();
+    let pins = root.pins();
+    pins.prepare().expect("preparing the pin root");
+    let mut datapath = Datapath::load(LogLevel::Off, Some(&pins), None).expect("loading the datapath");
+
+    // Numeric order differs from string order (.9 < .10 < .100), and the map gets them unsorted.
+    let a = Ipv4Addr::new(10, 244, 0, 9);
+    let b = Ipv4Addr::new(10, 244, 0, 10);
+    let c = Ipv4Addr::new(10, 244, 0, 100);
+    // a sends the test packets: BPF_PROG_TEST_RUN runs tc programs on loopback, ifindex 1.
+    let a_ep = Endpoint { ifindex: 1, flags: 0, pod_mac: [0x0a, 0x58, 0, 0, 0, 0x09], host_mac: [0xee, 0xee, 0, 0, 0, 0x09] };
+    let b_ep = Endpoint { ifindex: veth_ifindex, flags: 0, pod_mac: [0x0a, 0x58, 0, 0, 0, 0x10], host_mac: [0xee, 0xee, 0, 0, 0, 0x10] };
+    // No interface has this ifindex in the node.
+    let c_ep = Endpoint { ifindex: 4000, flags: 0, pod_mac: [0x0a, 0x58, 0, 0, 0, 0x64], host_mac: [0xee, 0xee, 0, 0, 0, 0x64] };
+    for (ip, ep) in [(c, c_ep), (a, a_ep), (b, b_ep)] {
+        datapath.set_endpoint(ip, ep).expect("writing an endpoint");
+    }
+
+    let to_b = packet::udp_v4(a_ep.pod_mac, a, b, b"hello b");
+    let to_b_big = packet::udp_v4(a_ep.pod_mac, a, b, &[7; 300]);
+    let to_node = packet::udp_v4(a_ep.pod_mac, a, Ipv4Addr::new(192, 168, 77, 1), b"to the node");
+    let spoofed = packet::udp_v4(a_ep.pod_mac, Ipv4Addr::new(10, 244, 0, 99), b, b"x");
+    for (frame, verdict) in [
+        (&to_b, TC_ACT_REDIRECT),
+        (&to_b_big, TC_ACT_REDIRECT),
+        (&to_node, TC_ACT_OK),
+        (&spoofed, TC_ACT_SHOT),
+    ] {
+        let result = datapath
+            .classifier(programs::FROM_POD)
+            .expect("from_pod")
+            .test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(result.return_value, verdict, "from_pod's verdict on a {}-byte frame", frame.len());
+    }
+    let len = |frame: &Vec<u8>| frame.len() as u64;
+    // In Reason::ALL order, as the CLI lists them.
+    let caused = json!([
+        { "reason": "pass-to-stack", "verdict": "pass", "packets": 1, "bytes": len(&to_node) },
+        { "reason": "redirect-local", "verdict": "redirect", "packets": 2, "bytes": len(&to_b) + len(&to_b_big) },
+        { "reason": "drop-spoofed-ip", "verdict": "drop", "packets": 1, "bytes": len(&spoofed) },
+    ]);
+
+    // The agent is down: only the pins remain.
+    drop(datapath);
+    let bpffs = root.0.to_str().unwrap();
+
+    let endpoints = json(&run(&mut podwire(&node, &["--bpffs", bpffs, "endpoints", "-o", "json"])));
+    assert_eq!(
+        endpoints,
+        json!([
+            { "ip": "10.244.0.9", "ifindex": 1, "host_veth": "lo",
+              "pod_mac": "0a:58:00:00:00:09", "host_mac": "ee:ee:00:00:00:09" },
+            { "ip": "10.244.0.10", "ifindex": veth_ifindex, "host_veth": "pwcli0",
+              "pod_mac": "0a:58:00:00:00:10", "host_mac": "ee:ee:00:00:00:10" },
+            { "ip": "10.244.0.100", "ifindex": 4000, "host_veth": "-",
+              "pod_mac": "0a:58:00:00:00:64", "host_mac": "ee:ee:00:00:00:64" },
+        ])
+    );
+
+    let table = stdout(&run(&mut podwire(&node, &["--bpffs", bpffs, "endpoints"])));
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split("  ").map(str::trim).filter(|h| !h.is_empty()).collect();
+    assert_eq!(header, ["IP", "IFINDEX", "HOST VETH", "POD MAC", "HOST MAC"], "{table}");
+    assert_eq!(
+        table_rows(&table),
+        [
+            ["10.244.0.9", "1", "lo", "0a:58:00:00:00:09", "ee:ee:00:00:00:09"],
+            ["10.244.0.10", &veth_ifindex.to_string(), "pwcli0", "0a:58:00:00:00:10", "ee:ee:00:00:00:10"],
+            ["10.244.0.100", "4000", "-", "0a:58:00:00:00:64", "ee:ee:00:00:00:64"],
+        ],
+        "{table}"
+    );
+
+    // Every reason, in order: what the packets caused, zero elsewhere; the pin root from the
+    // environment this time.
+    let counters = json(&run(podwire(&node, &["counters", "-o", "json"]).env("PODWIRE_BPFFS", bpffs)));
+    let counters = counters.as_array().expect("an array");
+    let names: Vec<&str> = counters.iter().map(|r| r["reason"].as_str().expect("reason")).collect();
+    assert_eq!(names, Reason::ALL.map(Reason::name));
+    for (row, reason) in counters.iter().zip(Reason::ALL) {
+        match caused.as_array().unwrap().iter().find(|c| c["reason"] == reason.name()) {
+            Some(expected) => assert_eq!(row, expected),
+            None => assert_eq!((&row["packets"], &row["bytes"]), (&json!(0), &json!(0)), "{row}"),
+        }
+        assert_eq!(row["verdict"] == "drop", reason.is_drop(), "{row}");
+    }
+
+    let nonzero = json(&run(&mut podwire(&node, &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"])));
+    assert_eq!(nonzero, caused);
+
+    let table = stdout(&run(&mut podwire(&node, &["--bpffs", bpffs, "counters", "--nonzero"])));
+    assert_eq!(table.lines().next().map(|h| h.split_whitespace().collect::<Vec<_>>()), Some(vec!["REASON", "VERDICT", "PACKETS", "BYTES"]));
+    let expected_rows: Vec<Vec<String>> = caused
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| ["reason", "verdict", "packets", "bytes"].map(|k| c[k].to_string().trim_matches('"').to_owned()).to_vec())
+        .collect();
+    assert_eq!(table_rows(&table), expected_rows, "{table}");
+}
+
+#[test]
+fn a_missing_pin_root_is_an_error_naming_the_path() {
+    require_root();
+    let root = PinRoot::new();
+    assert!(!root.0.exists());
+    let node = NetNs::new("node");
+    for (verb, map) in [("endpoints", maps::ENDPOINTS), ("counters", maps::COUNTERS)] {
+        let out = podwire(&node, &["--bpffs", root.0.to_str().unwrap(), verb]).output().expect("podwire");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{verb}: {stderr}");
+        assert!(out.stdout.is_empty(), "{verb}: nothing on stdout for scripts to misparse");
+        let expected = format!(
+            "no pinned map at {}/maps/{map}: is the podwire agent running on this node with --bpffs {}, or was it ever started?",
+            root.0.display(),
+            root.0.display()
+        );
+        assert!(stderr.contains(&expected), "{verb}: {stderr}");
+    }
+}
+
+#[test]
+fn a_pinned_map_of_another_layout_is_refused_not_misread() {
+    require_root();
+    let real = PinRoot::new();
+    let pins = real.pins();
+    pins.prepare().expect("preparing the pin root");
+    drop(Datapath::load(LogLevel::Off, Some(&pins), None).expect("loading the datapath"));
+    // A root whose endpoint pin is really the per-CPU counter array.
+    let odd = PinRoot::new();
+    let odd_pins = odd.pins();
+    odd_pins.prepare().expect("preparing the pin root");
+    let counters = MapData::from_pin(pins.map(maps::COUNTERS)).expect("the pinned counters");
+    counters.pin(odd_pins.map(maps::ENDPOINTS)).expect("pinning it as the endpoint map");
+
+    let node = NetNs::new("node");
+    let out = podwire(&node, &["--bpffs", odd.0.to_str().unwrap(), "endpoints"]).output().expect("podwire");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is not the map this podwire reads", odd_pins.map(maps::ENDPOINTS).display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn completions_cover_the_verbs_and_options() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = String::from_utf8(run(Command::new(bin("podwire")).args(["completions", shell])).stdout).unwrap();
+        for word in ["endpoints", "counters", "completions", "nonzero", "bpffs", "output"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+}
+
+#[test]
+fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() {
     let mut node = Node::start(Ipv4Addr::new(192, 168, 77, 10), "10.244.0.0/24");
     let a = node.add_pod("c-cli-a");
     let b = node.add_pod("c-cli-b");
     assert!(ping(&a.ns, b.ip));
     node.stop_agent();
+    let bpffs = node.pins.to_str().unwrap();
 
-    let out = podwire(&node, &["endpoints", "-o", "json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let endpoints: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    let endpoints = endpoints.as_array().unwrap();
-    assert_eq!(endpoints.len(), 2);
+    let endpoints = json(&run(&mut podwire(&node.ns, &["--bpffs", bpffs, "endpoints", "-o", "json"])));
+    let endpoints = endpoints.as_array().expect("an array");
+    assert_eq!(endpoints.len(), 2, "{endpoints:?}");
     for (row, pod) in endpoints.iter().zip([&a, &b]) {
         assert_eq!(row["ip"], pod.ip.to_string());
         assert_eq!(row["host_veth"], pod.result["interfaces"][0]["name"], "ifindex resolved to the veth");
         assert_eq!(row["host_mac"], pod.result["interfaces"][0]["mac"]);
         assert_eq!(row["pod_mac"], pod.result["interfaces"][1]["mac"]);
     }
-    let table = String::from_utf8(podwire(&node, &["endpoints"]).stdout).unwrap();
-    assert!(table.contains("HOST VETH") && table.contains(&a.ip.to_string()) && table.contains(&b.ip.to_string()), "{table}");
 
-    let out = podwire(&node, &["counters", "--nonzero", "-o", "json"]);
-    let counters: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let counters = json(&run(&mut podwire(&node.ns, &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"])));
     let redirect = counters
         .as_array()
-        .unwrap()
+        .expect("an array")
         .iter()
         .find(|r| r["reason"] == "redirect-local")
-        .expect("redirect-local row");
+        .unwrap_or_else(|| panic!("no redirect-local row: {counters}"));
     let expected = node.counter(Reason::RedirectLocal);
+    assert!(expected.packets >= 2, "the ping request and reply were redirected");
     assert_eq!(redirect["verdict"], "redirect");
     assert_eq!(redirect["packets"], expected.packets);
     assert_eq!(redirect["bytes"], expected.bytes);
-    assert!(expected.packets >= 2, "the ping request and reply were redirected");
-    assert!(counters.as_array().unwrap().iter().all(|r| r["packets"].as_u64() > Some(0)), "--nonzero");
-}
-
-#[test]
-fn a_node_without_pins_gets_an_error_naming_the_path() {
-    let out = std::process::Command::new(bin("podwire"))
-        .args(["--bpffs", "/sys/fs/bpf/pwt-nothing-here", "counters"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/sys/fs/bpf/pwt-nothing-here/maps/COUNTERS"), "{stderr}");
-    assert!(stderr.contains("is the podwire agent running"), "{stderr}");
 }

@@ -26,7 +26,7 @@ fn add_result_follows_the_spec_and_the_pod_is_addressed_as_it_says() {
     assert_eq!(r["ips"][0]["interface"], 1, "the IP belongs to the pod's interface");
     assert_eq!(r["interfaces"][1]["name"], "eth0");
     assert_eq!(r["interfaces"][1]["sandbox"], format!("/run/netns/{}", pod.ns.name()));
-    assert_eq!(r["interfaces"][1]["mtu"], 1500);
+    assert_eq!(r["interfaces"][1]["mtu"], 1500, "a node without overlay gives pods 1500");
     assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
     assert_eq!(r["routes"][0]["gw"], "169.254.1.1");
     let host_veth = r["interfaces"][0]["name"].as_str().unwrap();

@@ -36,6 +36,8 @@ const BUILD_PACKAGES: &[(&str, &str)] = &[
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and veths for test nodes and pods"),
     ("iputils-ping", "ICMP between test pods"),
+    ("tcpdump", "captures on the test underlay"),
+    ("nftables", "the agent's masquerade rules"),
 ];
 
 /// What a command needs from the machine.
