@@ -1,8 +1,9 @@
-//! `cargo xtask demo`: a node as a network namespace running the podwire agent, pods wired by
-//! exec'ing the CNI plugin exactly as a container runtime does, pod-to-pod traffic with IP
-//! forwarding off in the node (so only podwire's eBPF path can carry it), and what the datapath
-//! counted, read from its pinned maps with the `podwire` CLI. Everything is removed at the end,
-//! and leftovers of an interrupted run at the start.
+//! `cargo xtask demo`: a two-node cluster in network namespaces on one machine. Each node runs the
+//! podwire agent, fed by a cluster file, with IP forwarding off (so only podwire's eBPF path can
+//! carry pod traffic); pods are wired by exec'ing the CNI plugin exactly as a container runtime
+//! does. It shows pod-to-pod traffic on one node and across nodes (VXLAN, in kernel), and what
+//! each node's datapath holds and counted, read from its pinned maps with the `podwire` CLI.
+//! Everything is removed at the end, and leftovers of an interrupted run at the start.
 
 use std::{
     fs::File,
@@ -20,12 +21,44 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::cmd;
 
-const NODE_NS: &str = "pwdemo-node";
-const NODE_IP: &str = "192.168.77.10";
-const POD_CIDR: &str = "10.244.0.0/24";
-const PODS: [&str; 3] = ["pwdemo-pod1", "pwdemo-pod2", "pwdemo-pod3"];
+const UNDERLAY_NS: &str = "pwdemo-underlay";
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
+const NODES: [&str; 2] = ["pwdemo-node1", "pwdemo-node2"];
+const PODS_PER_NODE: usize = 2;
 const PINS: &str = "/sys/fs/bpf/pwdemo";
 const STATE: &str = "/run/pwdemo";
+
+/// One demo node: its namespace, underlay address and pod CIDR.
+struct DemoNode {
+    ns: &'static str,
+    ip: Ipv4Addr,
+    pod_cidr: String,
+}
+
+impl DemoNode {
+    fn dir(&self) -> String {
+        format!("{STATE}/{}", self.ns)
+    }
+
+    fn pins(&self) -> String {
+        format!("{PINS}/{}", self.ns)
+    }
+
+    fn conf(&self) -> String {
+        format!(
+            r#"{{"cniVersion":"1.1.0","name":"podwire","type":"podwire-cni","agentSocket":"{}/agent.sock"}}"#,
+            self.dir()
+        )
+    }
+
+    /// A command in the node's network namespace only, so bpffs pins stay visible (`ip netns
+    /// exec` would remount /sys).
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{}", self.ns)).arg(program).args(args);
+        command
+    }
+}
 
 pub fn run(bins: &Path) -> Result<()> {
     ensure!(
@@ -34,38 +67,65 @@ pub fn run(bins: &Path) -> Result<()> {
     );
     let _cleanup = Cleanup;
     Cleanup::remove();
-    ip(&["netns", "add", NODE_NS])?;
-    ip(&["-n", NODE_NS, "link", "set", "lo", "up"])?;
-    ip(&["-n", NODE_NS, "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
-    cmd::run(in_node("sysctl", &["-qw", "net.ipv4.ip_forward=0"]))?;
-    println!("== node {NODE_NS} ({NODE_IP}), pod CIDR {POD_CIDR}, IP forwarding off");
+    let nodes: Vec<DemoNode> = NODES
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| DemoNode { ns, ip: Ipv4Addr::new(192, 168, 77, 1 + i as u8), pod_cidr: format!("10.244.{}.0/24", i + 1) })
+        .collect();
 
-    let socket = format!("{STATE}/agent.sock");
-    let mut agent = Agent(
-        in_node(bins.join("podwire-agent"), &["--pod-cidr", POD_CIDR, "--node-name", NODE_NS])
-            .args(["--state-dir", STATE, "--socket", &socket, "--bpffs", PINS])
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting podwire-agent")?,
-    );
-    let lines = echo_lines(agent.0.stderr.take().expect("stderr is piped"));
-    wait_for(&lines, "serving CNI requests")?;
+    ip(&["netns", "add", UNDERLAY_NS])?;
+    ip(&["-n", UNDERLAY_NS, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", UNDERLAY_NS, "link", "set", "br0", "up"])?;
+    std::fs::create_dir_all(STATE)?;
+    let cluster_file = format!("{STATE}/cluster.json");
+    let cluster = serde_json::json!({
+        "clusterCIDR": CLUSTER_CIDR,
+        "nodes": nodes.iter().map(|n| serde_json::json!({ "name": n.ns, "address": n.ip, "podCIDR": n.pod_cidr })).collect::<Vec<_>>(),
+    });
+    std::fs::write(&cluster_file, serde_json::to_string_pretty(&cluster)?)?;
+    println!("== cluster file {cluster_file}:\n{}", serde_json::to_string_pretty(&cluster)?);
 
-    let conf = format!(
-        r#"{{"cniVersion":"1.1.0","name":"podwire","type":"podwire-cni","mtu":1500,"agentSocket":"{socket}"}}"#
-    );
-    let mut pods = Vec::new();
-    for pod in PODS {
-        ip(&["netns", "add", pod])?;
-        let result = cni(bins, "ADD", pod, &conf)?;
-        let json: serde_json::Value = serde_json::from_str(&result)?;
-        let address = json["ips"][0]["address"].as_str().context("ADD result has no IP")?;
-        let pod_ip: Ipv4Addr = address.split('/').next().unwrap_or_default().parse()?;
-        println!("== CNI ADD {pod}: {address} via {}", json["interfaces"][0]["name"]);
-        pods.push((pod, pod_ip));
+    let mut agents = Vec::new();
+    let mut logs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        ip(&["netns", "add", node.ns])?;
+        ip(&["-n", node.ns, "link", "set", "lo", "up"])?;
+        let port = format!("n{}", i + 1);
+        ip(&["-n", UNDERLAY_NS, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", node.ns])?;
+        ip(&["-n", UNDERLAY_NS, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", node.ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+        ip(&["-n", node.ns, "link", "set", "eth0", "up"])?;
+        cmd::run(node.command("sysctl", &["-qw", "net.ipv4.ip_forward=0"]))?;
+        println!("== node {} at {} on the underlay bridge, pod CIDR {}, IP forwarding off", node.ns, node.ip, node.pod_cidr);
+        let (dir, pins) = (node.dir(), node.pins());
+        let mut agent = Agent(
+            node.command(bins.join("podwire-agent"), &["--cluster-file", &cluster_file, "--node-name", node.ns])
+                .args(["--state-dir", &dir, "--socket", &format!("{dir}/agent.sock"), "--bpffs", &pins])
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting podwire-agent")?,
+        );
+        let lines = echo_lines(node.ns, agent.0.stderr.take().expect("stderr is piped"));
+        wait_for(&lines, "serving CNI requests")?;
+        agents.push(agent);
+        logs.push(lines);
     }
 
-    println!("== ping between every pair of pods");
+    let mut pods = Vec::new();
+    for node in &nodes {
+        for p in 1..=PODS_PER_NODE {
+            let pod = format!("{}-pod{p}", node.ns);
+            ip(&["netns", "add", &pod])?;
+            let result = cni(bins, node, "ADD", &pod)?;
+            let json: serde_json::Value = serde_json::from_str(&result)?;
+            let address = json["ips"][0]["address"].as_str().context("ADD result has no IP")?;
+            let pod_ip: Ipv4Addr = address.split('/').next().unwrap_or_default().parse()?;
+            println!("== CNI ADD {pod} on {}: {address}, MTU {}", node.ns, json["interfaces"][1]["mtu"]);
+            pods.push((pod, pod_ip));
+        }
+    }
+
+    println!("== ping between every pair of pods (same node: redirected; across nodes: VXLAN)");
     for (from, _) in &pods {
         for (to, to_ip) in &pods {
             if from != to {
@@ -80,36 +140,43 @@ pub fn run(bins: &Path) -> Result<()> {
             }
         }
     }
-    let (client, _) = pods[0];
-    let (server, server_ip) = pods[2];
-    let (bytes, elapsed) = tcp_transfer(client, server, server_ip, 64 << 20)?;
-    println!(
-        "== TCP {client} -> {server}: {} MiB arrived intact in {:.2} s",
-        bytes >> 20,
-        elapsed.as_secs_f64()
-    );
-
-    println!("== what the datapath counted (podwire counters, read from the pinned maps)");
-    cmd::run(in_node(bins.join("podwire"), &["--bpffs", PINS, "counters", "--nonzero"]))?;
-    println!("== its endpoints (podwire endpoints)");
-    cmd::run(in_node(bins.join("podwire"), &["--bpffs", PINS, "endpoints"]))?;
-
-    for (pod, _) in &pods {
-        cni(bins, "DEL", pod, &conf)?;
-        println!("== CNI DEL {pod}");
+    for (client, (server, server_ip)) in [(&pods[0].0, &pods[1]), (&pods[0].0, &pods[PODS_PER_NODE])] {
+        let (bytes, elapsed) = tcp_transfer(client, server, *server_ip, 64 << 20)?;
+        println!("== TCP {client} -> {server}: {} MiB arrived intact in {:.2} s", bytes >> 20, elapsed.as_secs_f64());
     }
-    let pid = nix::unistd::Pid::from_raw(agent.0.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("stopping the agent")?;
-    let status = agent.0.wait()?;
-    while lines.recv_timeout(Duration::from_millis(300)).is_ok() {}
-    ensure!(status.success(), "podwire-agent exited with {status}");
+
+    for node in &nodes {
+        let pins = node.pins();
+        println!("== {}: podwire nodes", node.ns);
+        cmd::run(node.command(bins.join("podwire"), &["--bpffs", &pins, "nodes"]))?;
+        println!("== {}: podwire endpoints", node.ns);
+        cmd::run(node.command(bins.join("podwire"), &["--bpffs", &pins, "endpoints"]))?;
+        println!("== {}: podwire counters --nonzero", node.ns);
+        cmd::run(node.command(bins.join("podwire"), &["--bpffs", &pins, "counters", "--nonzero"]))?;
+    }
+
+    for (i, node) in nodes.iter().enumerate() {
+        for (pod, _) in &pods[i * PODS_PER_NODE..(i + 1) * PODS_PER_NODE] {
+            cni(bins, node, "DEL", pod)?;
+            println!("== CNI DEL {pod}");
+        }
+    }
+    for (agent, lines) in agents.iter_mut().zip(&logs) {
+        let pid = nix::unistd::Pid::from_raw(agent.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("stopping the agent")?;
+        let status = agent.0.wait()?;
+        while lines.recv_timeout(Duration::from_millis(300)).is_ok() {}
+        ensure!(status.success(), "podwire-agent exited with {status}");
+    }
     println!("== done; removing the namespaces, pins and state");
     Ok(())
 }
 
 /// Execs the CNI plugin in the node's namespace as a runtime does; returns its stdout.
-fn cni(bins: &Path, command: &str, pod: &str, conf: &str) -> Result<String> {
-    let mut child = in_node(bins.join("podwire-cni"), &[])
+fn cni(bins: &Path, node: &DemoNode, command: &str, pod: &str) -> Result<String> {
+    let conf = node.conf();
+    let mut child = node
+        .command(bins.join("podwire-cni"), &[])
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", pod)
         .env("CNI_NETNS", format!("/run/netns/{pod}"))
@@ -175,20 +242,12 @@ fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> Result<R> {
     })
 }
 
-/// A command in the node's network namespace only, so bpffs pins stay visible (`ip netns exec`
-/// would remount /sys).
-fn in_node(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
-    let mut command = Command::new("nsenter");
-    command.arg(format!("--net=/run/netns/{NODE_NS}")).arg(program).args(args);
-    command
-}
-
 /// Prints each line of `stream` as it arrives and forwards it to the returned channel.
-fn echo_lines(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+fn echo_lines(node: &'static str, stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            eprintln!("  agent | {line}");
+            eprintln!("  {node} agent | {line}");
             let _ = tx.send(line);
         }
     });
@@ -220,8 +279,12 @@ struct Cleanup;
 
 impl Cleanup {
     fn remove() {
-        for ns in PODS.iter().chain([&NODE_NS]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        let listed = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+        for line in String::from_utf8_lossy(&listed).lines() {
+            let ns = line.split_whitespace().next().unwrap_or_default();
+            if ns.starts_with("pwdemo-") {
+                let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+            }
         }
         for dir in [PINS, STATE] {
             let _ = std::fs::remove_dir_all(PathBuf::from(dir));
