@@ -43,9 +43,11 @@ pub fn read(pins: &Pins) -> Result<Vec<EndpointRow>> {
                 ip: Ipv4Addr::from(key),
                 ifindex: ep.ifindex,
                 // Names resolve in this process's network namespace: run it in the node's.
+                // nix 0.29 misses libc's NULL return and hands back "" for an unknown ifindex.
                 host_veth: nix::net::if_::if_indextoname(ep.ifindex)
                     .ok()
                     .and_then(|n| n.into_string().ok())
+                    .filter(|n| !n.is_empty())
                     .unwrap_or_else(|| "-".into()),
                 pod_mac: Mac(ep.pod_mac),
                 host_mac: Mac(ep.host_mac),

@@ -4,6 +4,7 @@
 mod counters;
 mod endpoints;
 mod maps;
+mod nodes;
 mod output;
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ struct Cli {
 enum Command {
     /// Pods on this node as the datapath knows them.
     Endpoints,
+    /// The node table: which node owns each pod CIDR (and underlay address).
+    Nodes,
     /// Packets and bytes per verdict reason, summed over CPUs.
     Counters {
         /// Only reasons that counted something.
@@ -51,6 +54,7 @@ fn main() -> Result<()> {
     let pins = pins::Pins::new(&cli.bpffs);
     match cli.command {
         Command::Endpoints => output::print(cli.output, &endpoints::read(&pins)?),
+        Command::Nodes => output::print(cli.output, &nodes::read(&pins)?),
         Command::Counters { nonzero } => output::print(cli.output, &counters::read(&pins, nonzero)?),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "podwire", &mut std::io::stdout());

@@ -91,11 +91,17 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
     let a = Ipv4Addr::new(10, 244, 0, 9);
     let b = Ipv4Addr::new(10, 244, 0, 10);
     let c = Ipv4Addr::new(10, 244, 0, 100);
+    let endpoint = |ifindex, last| Endpoint {
+        ifindex,
+        flags: 0,
+        pod_mac: [0x0a, 0x58, 0, 0, 0, last],
+        host_mac: [0xee, 0xee, 0, 0, 0, last],
+    };
     // a sends the test packets: BPF_PROG_TEST_RUN runs tc programs on loopback, ifindex 1.
-    let a_ep = Endpoint { ifindex: 1, flags: 0, pod_mac: [0x0a, 0x58, 0, 0, 0, 0x09], host_mac: [0xee, 0xee, 0, 0, 0, 0x09] };
-    let b_ep = Endpoint { ifindex: veth_ifindex, flags: 0, pod_mac: [0x0a, 0x58, 0, 0, 0, 0x10], host_mac: [0xee, 0xee, 0, 0, 0, 0x10] };
+    let a_ep = endpoint(1, 0x09);
+    let b_ep = endpoint(veth_ifindex, 0x10);
     // No interface has this ifindex in the node.
-    let c_ep = Endpoint { ifindex: 4000, flags: 0, pod_mac: [0x0a, 0x58, 0, 0, 0, 0x64], host_mac: [0xee, 0xee, 0, 0, 0, 0x64] };
+    let c_ep = endpoint(4000, 0x64);
     for (ip, ep) in [(c, c_ep), (a, a_ep), (b, b_ep)] {
         datapath.set_endpoint(ip, ep).expect("writing an endpoint");
     }
@@ -143,7 +149,9 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
     );
 
     let table = stdout(&run(&mut podwire(&node, &["--bpffs", bpffs, "endpoints"])));
-    let header: Vec<&str> = table.lines().next().unwrap_or_default().split("  ").map(str::trim).filter(|h| !h.is_empty()).collect();
+    // Header cells hold single spaces; columns are apart by at least two.
+    let header: Vec<&str> =
+        table.lines().next().unwrap_or_default().split("  ").map(str::trim).filter(|h| !h.is_empty()).collect();
     assert_eq!(header, ["IP", "IFINDEX", "HOST VETH", "POD MAC", "HOST MAC"], "{table}");
     assert_eq!(
         table_rows(&table),
@@ -173,12 +181,14 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
     assert_eq!(nonzero, caused);
 
     let table = stdout(&run(&mut podwire(&node, &["--bpffs", bpffs, "counters", "--nonzero"])));
-    assert_eq!(table.lines().next().map(|h| h.split_whitespace().collect::<Vec<_>>()), Some(vec!["REASON", "VERDICT", "PACKETS", "BYTES"]));
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["REASON", "VERDICT", "PACKETS", "BYTES"], "{table}");
+    let cell = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
     let expected_rows: Vec<Vec<String>> = caused
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| ["reason", "verdict", "packets", "bytes"].map(|k| c[k].to_string().trim_matches('"').to_owned()).to_vec())
+        .map(|c| ["reason", "verdict", "packets", "bytes"].iter().map(|k| cell(&c[k])).collect())
         .collect();
     assert_eq!(table_rows(&table), expected_rows, "{table}");
 }
@@ -194,10 +204,10 @@ fn a_missing_pin_root_is_an_error_naming_the_path() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{verb}: {stderr}");
         assert!(out.stdout.is_empty(), "{verb}: nothing on stdout for scripts to misparse");
+        let shown = root.0.display();
         let expected = format!(
-            "no pinned map at {}/maps/{map}: is the podwire agent running on this node with --bpffs {}, or was it ever started?",
-            root.0.display(),
-            root.0.display()
+            "no pinned map at {shown}/maps/{map}: \
+             is the podwire agent running on this node with --bpffs {shown}, or was it ever started?"
         );
         assert!(stderr.contains(&expected), "{verb}: {stderr}");
     }
@@ -221,16 +231,14 @@ fn a_pinned_map_of_another_layout_is_refused_not_misread() {
     let out = podwire(&node, &["--bpffs", odd.0.to_str().unwrap(), "endpoints"]).output().expect("podwire");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("{} is not the map this podwire reads", odd_pins.map(maps::ENDPOINTS).display())),
-        "{stderr}"
-    );
+    let expected = format!("{} is not the map this podwire reads", odd_pins.map(maps::ENDPOINTS).display());
+    assert!(stderr.contains(&expected), "{stderr}");
 }
 
 #[test]
 fn completions_cover_the_verbs_and_options() {
     for shell in ["bash", "zsh", "fish"] {
-        let script = String::from_utf8(run(Command::new(bin("podwire")).args(["completions", shell])).stdout).unwrap();
+        let script = stdout(&run(Command::new(bin("podwire")).args(["completions", shell])));
         for word in ["endpoints", "counters", "completions", "nonzero", "bpffs", "output"] {
             assert!(script.contains(word), "{shell} completions lack {word}");
         }
