@@ -140,6 +140,28 @@ fn pods_on_different_nodes_talk_through_the_tunnel_with_forwarding_off() {
     assert!(others.is_empty(), "nothing but the tunnel crosses the underlay: {others:#?}");
     assert_eq!(count("net 10.244.0.0/16"), 0, "no bare pod address on the underlay");
 
+    // The node table as operators see it (podwire nodes -o json on node0).
+    let out = run(c.nodes[0].command(podwire_tests::bin("podwire")).arg("--bpffs").arg(&c.nodes[0].pins).args(["nodes", "-o", "json"]));
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<(String, String, String)> = table
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["prefix"].as_str().unwrap().into(), r["kind"].as_str().unwrap().into(), r["node"].to_string()))
+        .collect();
+    let row = |p: &str, k: &str, n: &str| (p.to_owned(), k.to_owned(), n.to_owned());
+    assert_eq!(
+        rows,
+        [
+            row("192.168.77.2/32", "remote", "\"192.168.77.2\""),
+            row("192.168.77.3/32", "remote", "\"192.168.77.3\""),
+            row("10.244.1.0/24", "local", "\"192.168.77.1\""),
+            row("10.244.2.0/24", "remote", "\"192.168.77.2\""),
+            row("10.244.3.0/24", "remote", "\"192.168.77.3\""),
+            row("10.244.0.0/16", "no-node", "null"),
+        ]
+    );
+
     for node in &c.nodes {
         assert!(node.counter(Reason::RedirectOverlay).packets > 0);
         assert!(node.counter(Reason::RedirectFromOverlay).packets > 0);
@@ -219,4 +241,18 @@ fn nodes_reach_remote_pods_and_pods_reach_the_outside_as_their_node() {
     let (_conn, peer) = listener.accept().unwrap();
     assert_eq!(peer.ip(), std::net::IpAddr::V4(node_ip(0)), "outside host sees the node, not the pod");
     drop(client);
+}
+
+#[test]
+fn cross_node_traffic_survives_an_agent_restart() {
+    let mut c = cluster(2);
+    let a = c.nodes[0].add_pod("c-rs-a");
+    let b = c.nodes[1].add_pod("c-rs-b");
+    c.nodes[0].stop_agent();
+    assert!(ping(&a.ns, b.ip), "across nodes with node0's agent down");
+    assert!(ping(&b.ns, a.ip));
+    c.nodes[0].start_agent();
+    assert!(ping(&a.ns, b.ip), "after the restart");
+    let late = c.nodes[0].add_pod("c-rs-late");
+    assert!(ping(&late.ns, b.ip) && ping(&b.ns, late.ip), "a pod added after the restart");
 }
