@@ -12,17 +12,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
-};
 use podwire_common::{node_flags, Reason};
 
 use crate::{
     counters::verdict,
     deliver,
     maps::{node_of, ENDPOINTS_V1},
-    parse::ptr_at,
+    parse::eth_ipv4,
     tunnel, Verdict, DROP_MALFORMED,
 };
 
@@ -41,17 +37,8 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
 fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Verdict> {
     const SPOOFED: Verdict = (Reason::DropOverlaySpoofed, TC_ACT_SHOT as i32);
     let remote = tunnel::remote(ctx).ok_or(SPOOFED)?;
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
-    // SAFETY: ptr_at checked the header lies inside the packet.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
-        return Err(SPOOFED);
-    }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(DROP_MALFORMED)?;
-    // SAFETY: as above.
-    let ip = unsafe { &*ip };
-    if ip.ihl() < Ipv4Hdr::LEN as u8 {
-        return Err(DROP_MALFORMED);
-    }
+    // Only IPv4 is tunnelled: anything else claims to be what no node sends.
+    let (_, ip) = eth_ipv4(ctx)?.ok_or(SPOOFED)?;
     match node_of(ip.src_addr) {
         Some(node) if node.flags == 0 && node.addr == remote => {}
         _ => {

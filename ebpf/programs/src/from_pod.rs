@@ -12,18 +12,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
-};
 use podwire_common::{node_flags, Reason};
 
 use crate::{
     counters::verdict,
     deliver,
     maps::{node_of, ENDPOINTS_V1},
-    parse::ptr_at,
-    tunnel, Verdict, DROP_MALFORMED,
+    parse::eth_ipv4,
+    tunnel, Verdict,
 };
 
 #[classifier]
@@ -36,18 +32,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 }
 
 fn try_from_pod(ctx: &TcContext) -> Result<Verdict, Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
-    // SAFETY: ptr_at checked the header lies inside the packet.
-    let eth = unsafe { &*eth };
-    if eth.ether_type != EtherType::Ipv4 as u16 {
+    let Some((eth, ip)) = eth_ipv4(ctx)? else {
         return Ok((Reason::PassNotIpv4, TC_ACT_OK as i32));
-    }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(DROP_MALFORMED)?;
-    // SAFETY: as above.
-    let ip = unsafe { &*ip };
-    if ip.ihl() < Ipv4Hdr::LEN as u8 {
-        return Err(DROP_MALFORMED);
-    }
+    };
 
     // SAFETY: the kernel hands the program a valid __sk_buff.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
