@@ -359,7 +359,6 @@ impl CniOutput {
 /// A pod wired by the plugin.
 pub struct Pod {
     pub ns: NetNs,
-    pub container_id: String,
     pub ip: Ipv4Addr,
     pub result: serde_json::Value,
 }
@@ -478,7 +477,7 @@ impl Node {
         assert!(out.success, "ADD {container_id}: {out:?}");
         let result = out.json();
         let ip = pod_ip(&result);
-        Pod { ns, container_id: container_id.to_owned(), ip, result }
+        Pod { ns, ip, result }
     }
 
     /// The node's pinned endpoint map, as the datapath sees it (read while the agent may be down).

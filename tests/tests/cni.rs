@@ -57,7 +57,8 @@ fn pods_reach_each_other_with_forwarding_off_through_the_ebpf_path() {
     let node = node();
     node.ns.sysctl_ipv4("ip_forward", "0");
     let mut pods: Vec<Pod> = (0..3).map(|i| node.add_pod(&format!("c-pair-{i}"))).collect();
-    pods.extend(cnitool_pods(&node, 2));
+    let cnitool = Cnitool::new(&node);
+    pods.extend((0..2).map(|_| cnitool.add(&node)));
     let redirected_before = node.counter(Reason::RedirectLocal).packets;
 
     for a in &pods {
@@ -73,6 +74,14 @@ fn pods_reach_each_other_with_forwarding_off_through_the_ebpf_path() {
     assert!(redirected >= 20 * 2 * 10, "redirect-local counted {redirected} packets");
     assert_eq!(node.counter(Reason::DropSpoofedIp).packets, 0);
     assert_eq!(node.counter(Reason::DropSpoofedMac).packets, 0);
+
+    // cnitool's DEL goes through the chain too (and clears its cache in /var/lib/cni).
+    for pod in &pods[3..] {
+        cnitool.run(&node, "del", &pod.ns);
+        let veth = pod.result["interfaces"][0]["name"].as_str().unwrap();
+        assert!(!node.host_veths().iter().any(|v| v == veth), "cnitool del removed {veth}");
+        assert!(node.endpoints().iter().all(|(ip, _)| *ip != pod.ip), "and its map entry");
+    }
 }
 
 #[test]
@@ -250,40 +259,51 @@ fn bad_input_gets_the_specs_errors_and_leaves_nothing_behind() {
     assert_eq!(node.state()["endpoints"], serde_json::json!({}));
 }
 
-/// Pods added through cnitool, a real CNI runtime client, with podwire first in a conflist and
-/// the reference `tuning` plugin after it (which must understand podwire's result).
-fn cnitool_pods(node: &Node, count: usize) -> Vec<Pod> {
-    let netconf = tempfile::tempdir().unwrap();
-    let mut podwire = node.conf();
-    podwire.as_object_mut().unwrap().remove("cniVersion");
-    podwire.as_object_mut().unwrap().remove("name");
-    let conflist = serde_json::json!({
-        // cnitool's library (libcni 1.1.2) speaks up to 1.0.0.
-        "cniVersion": "1.0.0",
-        "name": "podwire",
-        "plugins": [podwire, { "type": "tuning", "sysctl": { "net.ipv4.conf.eth0.accept_local": "1" } }],
-    });
-    std::fs::write(netconf.path().join("10-podwire.conflist"), conflist.to_string()).unwrap();
-    let cni_path = format!("{}:/usr/lib/cni", podwire_tests::bin("podwire-cni").parent().unwrap().display());
-    (0..count)
-        .map(|_| {
-            let ns = NetNs::new("pod");
-            let out = podwire_tests::run(
-                node.command(podwire_tests::cnitool())
-                    .args(["add", "podwire", &format!("/run/netns/{}", ns.name())])
-                    .env("NETCONFPATH", netconf.path())
-                    .env("CNI_PATH", &cni_path),
-            );
-            let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cnitool prints the result");
-            assert_eq!(result["cniVersion"], "1.0.0");
-            let sysctl = String::from_utf8(
-                podwire_tests::run(ns.command("sysctl").args(["-n", "net.ipv4.conf.eth0.accept_local"])).stdout,
-            )
-            .unwrap();
-            assert_eq!(sysctl.trim(), "1", "tuning ran after podwire on its result");
-            let container_id = format!("cnitool-{}", ns.name());
-            let ip = pod_ip(&result);
-            Pod { ns, container_id, ip, result }
-        })
-        .collect()
+/// cnitool, a real CNI runtime client, with podwire first in a conflist and the reference
+/// `tuning` plugin after it (which must understand podwire's result).
+struct Cnitool {
+    netconf: tempfile::TempDir,
+    cni_path: String,
+}
+
+impl Cnitool {
+    fn new(node: &Node) -> Cnitool {
+        let netconf = tempfile::tempdir().unwrap();
+        let mut podwire = node.conf();
+        podwire.as_object_mut().unwrap().remove("cniVersion");
+        podwire.as_object_mut().unwrap().remove("name");
+        let conflist = serde_json::json!({
+            // cnitool's library (libcni 1.1.2) speaks up to 1.0.0.
+            "cniVersion": "1.0.0",
+            "name": "podwire",
+            "plugins": [podwire, { "type": "tuning", "sysctl": { "net.ipv4.conf.eth0.accept_local": "1" } }],
+        });
+        std::fs::write(netconf.path().join("10-podwire.conflist"), conflist.to_string()).unwrap();
+        let cni_path = format!("{}:/usr/lib/cni", podwire_tests::bin("podwire-cni").parent().unwrap().display());
+        Cnitool { netconf, cni_path }
+    }
+
+    fn run(&self, node: &Node, verb: &str, pod: &NetNs) -> std::process::Output {
+        podwire_tests::run(
+            node.command(podwire_tests::cnitool())
+                .args([verb, "podwire", &format!("/run/netns/{}", pod.name())])
+                .env("NETCONFPATH", self.netconf.path())
+                .env("CNI_PATH", &self.cni_path),
+        )
+    }
+
+    /// A pod added with `cnitool add`.
+    fn add(&self, node: &Node) -> Pod {
+        let ns = NetNs::new("pod");
+        let out = self.run(node, "add", &ns);
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cnitool prints the result");
+        assert_eq!(result["cniVersion"], "1.0.0");
+        let sysctl = String::from_utf8(
+            podwire_tests::run(ns.command("sysctl").args(["-n", "net.ipv4.conf.eth0.accept_local"])).stdout,
+        )
+        .unwrap();
+        assert_eq!(sysctl.trim(), "1", "tuning ran after podwire on its result");
+        let ip = pod_ip(&result);
+        Pod { ns, ip, result }
+    }
 }
