@@ -4,6 +4,7 @@ mod build;
 mod cmd;
 mod cnitool;
 mod demo;
+mod lab;
 mod toolchain;
 
 use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
