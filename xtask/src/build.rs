@@ -77,7 +77,21 @@ pub fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
-    let (passed, failed) = run_counting_tests(cmd)?;
+    let (mut passed, mut failed) = run_counting_tests(cmd)?;
+    // The same programs through the verifier of Debian 12's 6.1 kernel, which users run (skipped
+    // with a test filter, which asks for a subset).
+    let vm = if args.is_empty() { Some(crate::vm::verify()) } else { None };
+    match vm {
+        None => {}
+        Some(Ok(())) => {
+            println!("test vm_verify_on_debian_12_kernel_6_1 ... ok");
+            passed += 1;
+        }
+        Some(Err(e)) => {
+            println!("test vm_verify_on_debian_12_kernel_6_1 ... FAILED\n{e:#}");
+            failed += 1;
+        }
+    }
     // One closing line over all test binaries, so the last line is never a binary with 0 tests.
     println!("podwire: {passed} passed, {failed} failed");
     if failed > 0 || passed == 0 {

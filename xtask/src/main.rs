@@ -1,11 +1,13 @@
 //! `cargo xtask`: podwire's developer entry point. Every command installs what it needs first.
 
+mod bench;
 mod build;
 mod cmd;
 mod cnitool;
 mod demo;
 mod lab;
 mod toolchain;
+mod vm;
 
 use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
@@ -39,12 +41,24 @@ enum Cmd {
     /// Bring up a node running the agent and pods wired through the CNI plugin, show pod-to-pod
     /// traffic carried by the eBPF datapath and its counters, and tear everything down.
     Demo,
+    /// Measure podwire against the kernel's classic datapaths (Linux bridge, kernel VXLAN) in
+    /// one run: TCP throughput and request/response, medians and ratios.
+    Bench {
+        /// Repetitions of every measurement (modes interleaved).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Run the unit tests and the kernel integration tests (needs root).
     Test {
         /// Arguments passed to `cargo test` after `--`, e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Boot Debian 12's 6.1 LTS kernel in qemu and check every program passes its verifier.
+    VmVerify,
 }
 
 fn main() -> Result<()> {
@@ -70,8 +84,16 @@ fn main() -> Result<()> {
             let bins = build::all(false)?;
             demo::run(&bins)?;
         }
+        Cmd::Bench { reps, seconds } => {
+            toolchain::ensure(toolchain::Needs::Run)?;
+            let bins = build::all(true)?;
+            bench::run(&bins, reps, seconds)?;
+        }
         Cmd::Test { args } => {
             build::test(&args)?;
+        }
+        Cmd::VmVerify => {
+            vm::verify()?;
         }
     }
     Ok(())

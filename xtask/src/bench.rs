@@ -1,0 +1,224 @@
+//! `cargo xtask bench`: podwire against the kernel's classic datapaths, measured in one run on
+//! one lab (see `lab`), modes interleaved, medians of the repetitions, ratios printed.
+//!
+//! Pairs: two pods on one node (podwire's redirect vs. a Linux bridge, the reference `bridge`
+//! plugin's shape) and pods on two nodes (podwire's eBPF + collect_md VXLAN vs. kernel VXLAN
+//! routed between bridges, Flannel's shape). Pods have MTU 1450 everywhere. Metrics: one TCP
+//! stream (iperf3, cubic: a namespace cannot change the default bbr), and 1-byte TCP
+//! request/response with both ends pinned to one CPU (unpinned, cross-CPU wakeups dominate;
+//! see ../shared/BENCHMARKING.md).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context as _, Result};
+use nix::{sched::CpuSet, unistd::Pid};
+
+use crate::{
+    lab::{in_netns, ip, Lab},
+    toolchain,
+};
+
+const POD_MTU: &str = "1450";
+
+/// Two pods' namespaces and the server's address.
+struct Pair {
+    client: String,
+    server: String,
+    server_ip: Ipv4Addr,
+}
+
+struct Sample {
+    gbits: f64,
+    rr_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
+    toolchain::ensure_packages(&[("iperf3", "TCP throughput in the benchmarks")])?;
+    let lab = Lab::new("pwbench", bins)?;
+
+    let nodes = vec![lab.node(1, false)?, lab.node(2, false)?];
+    let cluster_file = lab.cluster_file(&nodes)?;
+    let _agents = nodes
+        .iter()
+        .map(|n| lab.start_agent(n, &cluster_file, false))
+        .collect::<Result<Vec<_>>>()?;
+    let (a, _, _) = lab.add_pod(&nodes[0], "a")?;
+    let (b, b_ip, _) = lab.add_pod(&nodes[0], "b")?;
+    let (c, c_ip, _) = lab.add_pod(&nodes[1], "c")?;
+
+    let base = [baseline_node(&lab, 1)?, baseline_node(&lab, 2)?];
+    let (x, _) = bridge_pod(&base[0], 1, 2)?;
+    let (y, y_ip) = bridge_pod(&base[0], 1, 3)?;
+    let (z, z_ip) = bridge_pod(&base[1], 2, 2)?;
+
+    let modes = [
+        ("same node", "podwire", Pair { client: a.clone(), server: b, server_ip: b_ip }),
+        ("same node", "Linux bridge", Pair { client: x.clone(), server: y, server_ip: y_ip }),
+        ("two nodes", "podwire", Pair { client: a, server: c, server_ip: c_ip }),
+        ("two nodes", "kernel VXLAN + bridge", Pair { client: x, server: z, server_ip: z_ip }),
+    ];
+    let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
+    for rep in 1..=reps {
+        for ((pair_name, datapath, pair), results) in modes.iter().zip(&mut samples) {
+            let sample = measure(pair, seconds).with_context(|| format!("{pair_name}, {datapath}"))?;
+            eprintln!(
+                "  rep {rep}/{reps} {pair_name:9} {datapath:22} {:6.2} Gbit/s {:8.0} RR/s p50 {:5.1} us p99 {:5.1} us",
+                sample.gbits, sample.rr_per_s, sample.p50_us, sample.p99_us
+            );
+            results.push(sample);
+        }
+    }
+
+    println!("\nMedians of {reps}, {seconds} s each; TCP_RR with both ends on CPU 0. Only ratios within one run mean anything.");
+    println!("{:10} {:23} {:>10} {:>10} {:>14}", "pair", "datapath", "TCP Gbit/s", "RR tx/s", "RR p50/p99 us");
+    for ((pair_name, datapath, _), results) in modes.iter().zip(&samples) {
+        println!(
+            "{pair_name:10} {datapath:23} {:>10.2} {:>10.0} {:>8.1}/{:<5.1}",
+            median(results.iter().map(|s| s.gbits)),
+            median(results.iter().map(|s| s.rr_per_s)),
+            median(results.iter().map(|s| s.p50_us)),
+            median(results.iter().map(|s| s.p99_us)),
+        );
+    }
+    for (i, pair_name) in [(0, "same node"), (2, "two nodes")] {
+        let (ours, theirs) = (&samples[i], &samples[i + 1]);
+        println!(
+            "podwire / {} ({pair_name}): TCP {:.2}x, RR {:.2}x",
+            modes[i + 1].1,
+            median(ours.iter().map(|s| s.gbits)) / median(theirs.iter().map(|s| s.gbits)),
+            median(ours.iter().map(|s| s.rr_per_s)) / median(theirs.iter().map(|s| s.rr_per_s)),
+        );
+    }
+    Ok(())
+}
+
+/// A host on the underlay at 192.168.77.1<i> with a Linux bridge `cbr0` 10.250.<i>.1/24 for its
+/// pods and a VXLAN device (VNI 99) routed to the other baseline host's pod subnet: Flannel's
+/// vxlan backend, built by hand. Forwarding on, as that datapath needs.
+fn baseline_node(lab: &Lab, i: u8) -> Result<String> {
+    let ns = lab.host(&format!("base{i}"), Ipv4Addr::new(192, 168, 77, 10 + i), true)?;
+    let peer = 3 - i;
+    ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
+    ip(&["-n", &ns, "addr", "add", &format!("10.250.{i}.1/24"), "dev", "cbr0"])?;
+    ip(&["-n", &ns, "link", "set", "cbr0", "mtu", POD_MTU, "up"])?;
+    ip(&[
+        "-n", &ns, "link", "add", "vx0", "type", "vxlan", "id", "99", "dstport", "4789", "dev", "eth0",
+        "local", &format!("192.168.77.1{i}"), "remote", &format!("192.168.77.1{peer}"),
+    ])?;
+    ip(&["-n", &ns, "addr", "add", &format!("10.251.0.{i}/24"), "dev", "vx0"])?;
+    ip(&["-n", &ns, "link", "set", "vx0", "up"])?;
+    ip(&["-n", &ns, "route", "add", &format!("10.250.{peer}.0/24"), "via", &format!("10.251.0.{peer}")])?;
+    Ok(ns)
+}
+
+/// A pod on `node`'s bridge at 10.250.<subnet>.<host>.
+fn bridge_pod(node: &str, subnet: u8, host: u8) -> Result<(String, Ipv4Addr)> {
+    let pod = format!("{node}-pod{host}");
+    let port = format!("veth{host}");
+    let addr = Ipv4Addr::new(10, 250, subnet, host);
+    ip(&["netns", "add", &pod])?;
+    ip(&["-n", node, "link", "add", &port, "mtu", POD_MTU, "type", "veth", "peer", "name", "eth0", "netns", &pod])?;
+    ip(&["-n", node, "link", "set", &port, "master", "cbr0", "up"])?;
+    ip(&["-n", &pod, "link", "set", "lo", "up"])?;
+    ip(&["-n", &pod, "link", "set", "eth0", "mtu", POD_MTU, "up"])?;
+    ip(&["-n", &pod, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ip(&["-n", &pod, "route", "add", "default", "via", &format!("10.250.{subnet}.1")])?;
+    Ok((pod, addr))
+}
+
+fn measure(pair: &Pair, seconds: u64) -> Result<Sample> {
+    let gbits = iperf3(pair, seconds)?;
+    let (rr_per_s, p50_us, p99_us) = request_response(pair, Duration::from_secs(seconds))?;
+    Ok(Sample { gbits, rr_per_s, p50_us, p99_us })
+}
+
+/// One iperf3 TCP stream from client to server; received Gbit/s.
+fn iperf3(pair: &Pair, seconds: u64) -> Result<f64> {
+    let bind = pair.server_ip.to_string();
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &pair.server, "iperf3", "-s", "-1", "-B", &bind])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s")?;
+    // The server is ready once it listens; retry the client until it can connect.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &pair.client, "iperf3", "-c", &bind, "-C", "cubic", "-J"])
+            .args(["-t", &seconds.to_string()])
+            .output()?;
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let _ = server.wait();
+    ensure!(out.status.success(), "iperf3 -c {bind}: {}", String::from_utf8_lossy(&out.stdout));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bits = json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
+    Ok(bits / 1e9)
+}
+
+/// 1-byte TCP request/response for `duration`, both ends pinned to CPU 0: transactions per
+/// second, p50 and p99 latency in microseconds.
+fn request_response(pair: &Pair, duration: Duration) -> Result<(f64, f64, f64)> {
+    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 0)))??;
+    let addr = listener.local_addr()?;
+    let server = thread::spawn(move || -> std::io::Result<()> {
+        pin_to_cpu0();
+        let (mut conn, _) = listener.accept()?;
+        conn.set_nodelay(true)?;
+        let mut byte = [0u8; 1];
+        while conn.read(&mut byte)? == 1 {
+            conn.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    let mut conn = in_netns(&pair.client, || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
+    conn.set_nodelay(true)?;
+    let latencies = thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<Vec<Duration>> {
+            pin_to_cpu0();
+            let mut latencies = Vec::with_capacity(1 << 20);
+            let mut byte = [0u8; 1];
+            let end = Instant::now() + duration;
+            while Instant::now() < end {
+                let start = Instant::now();
+                conn.write_all(&byte)?;
+                conn.read_exact(&mut byte)?;
+                latencies.push(start.elapsed());
+            }
+            Ok(latencies)
+        })
+        .join()
+        .expect("client thread")
+    })?;
+    drop(conn);
+    server.join().expect("server thread")?;
+    let mut us: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| us[((us.len() - 1) as f64 * q) as usize];
+    Ok((us.len() as f64 / duration.as_secs_f64(), at(0.5), at(0.99)))
+}
+
+fn pin_to_cpu0() {
+    let mut cpus = CpuSet::new();
+    if cpus.set(0).is_ok() {
+        let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &cpus);
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -1,0 +1,290 @@
+//! `cargo xtask vm-verify`: boots Debian 12's own 6.1 LTS kernel in qemu with an initramfs whose
+//! init runs `podwire-verify`, so every eBPF program goes through the verifier of the kernel users
+//! run, not only this machine's. KVM does not work on these machines: qemu emulates (TCG).
+//! See ../shared/TOOLCHAIN.md, "Other kernels".
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+use crate::{build, cmd::run, toolchain, workspace_root};
+
+const PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "emulates the machine that boots Debian's 6.1 kernel"),
+    ("busybox-static", "the shell and mount in the VM's initramfs"),
+    ("cpio", "packs the initramfs"),
+];
+/// `podwire_agent::datapath::programs::ALL`, repeated because xtask does not depend on the agent;
+/// the check below fails if podwire-verify reports any other set.
+const PROGRAMS: [&str; 3] = ["from_pod", "from_overlay", "to_overlay"];
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Booting takes seconds and emulated verification little more; beyond this the VM is stuck.
+const TIMEOUT: Duration = Duration::from_secs(180);
+/// Printed by the VM's init around podwire-verify's output.
+const START: &str = "podwire-vm: running podwire-verify";
+const EXIT: &str = "podwire-vm: podwire-verify exited with ";
+
+pub fn verify() -> Result<()> {
+    toolchain::ensure_packages(PACKAGES)?;
+    let dir = workspace_root().join("target/vm");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let vmlinuz = kernel(&dir)?;
+    let verifier = build_verifier()?;
+    let initrd = initramfs(&dir, &verifier)?;
+    let started = Instant::now();
+    let serial = boot(&vmlinuz, &initrd)?;
+    eprintln!("xtask: the VM ran for {:.1} s", started.elapsed().as_secs_f64());
+    check(&serial)
+}
+
+/// The newest Debian 6.1 cloud kernel in apt's lists, downloaded and unpacked once into `dir`.
+fn kernel(dir: &Path) -> Result<PathBuf> {
+    let package = newest_kernel_package()?;
+    let release = package
+        .strip_prefix("linux-image-")
+        .and_then(|rest| rest.strip_suffix("-unsigned"))
+        .expect("the search pattern fixes prefix and suffix");
+    let vmlinuz = dir.join(format!("vmlinuz-{release}"));
+    if vmlinuz.exists() {
+        return Ok(vmlinuz);
+    }
+    let deb = match cached_deb(dir, &package)? {
+        Some(deb) => deb,
+        None => {
+            eprintln!("xtask: downloading {package} (Debian 12's 6.1 kernel, once)");
+            let mut download = Command::new("apt-get");
+            download.current_dir(dir).args(["-q", "download", &package]);
+            run(download).with_context(|| format!("downloading {package}"))?;
+            cached_deb(dir, &package)?
+                .with_context(|| format!("apt-get download left no {package}_*.deb in {}", dir.display()))?
+        }
+    };
+    // Unpacked aside and moved into place last, so an interrupted run leaves no half kernel.
+    let unpacked = dir.join("unpacked");
+    remove_dir(&unpacked)?;
+    let mut extract = Command::new("dpkg-deb");
+    extract.arg("-x").arg(&deb).arg(&unpacked);
+    run(extract).with_context(|| format!("unpacking {} (delete it to download again)", deb.display()))?;
+    let inside = unpacked.join(format!("boot/vmlinuz-{release}"));
+    fs::rename(&inside, &vmlinuz)
+        .with_context(|| format!("moving {} to {}", inside.display(), vmlinuz.display()))?;
+    remove_dir(&unpacked)?;
+    Ok(vmlinuz)
+}
+
+fn newest_kernel_package() -> Result<String> {
+    let pattern = r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$";
+    let out = Command::new("apt-cache")
+        .args(["search", "--names-only", pattern])
+        .output()
+        .context("running apt-cache search")?;
+    ensure!(out.status.success(), "apt-cache search {pattern} failed: {}", out.status);
+    // "linux-image-6.1.0-56-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud": newest ABI wins.
+    let abi = |name: &str| -> Option<u32> {
+        name.strip_prefix("linux-image-6.1.0-")?.split('-').next()?.parse().ok()
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter_map(|name| Some((abi(name)?, name.to_owned())))
+        .max()
+        .map(|(_, name)| name)
+        .context("apt knows no linux-image-6.1.0-*-cloud-amd64-unsigned: run `apt-get update`")
+}
+
+/// The .deb of `package` that an earlier run downloaded into `dir`, if any.
+fn cached_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {
+    let prefix = format!("{package}_");
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".deb") {
+            return Ok(Some(dir.join(&*name)));
+        }
+    }
+    Ok(None)
+}
+
+/// Builds podwire-verify statically, since the initramfs has no libc; returns its path.
+fn build_verifier() -> Result<PathBuf> {
+    let object = build::ebpf(&toolchain::ensure(toolchain::Needs::Build)?)?;
+    let target_dir = workspace_root().join("target");
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "podwire-agent", "--bin", "podwire-verify"])
+        // An explicit target keeps crt-static off build scripts and proc macros.
+        .args(["--target", TARGET])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env(build::OBJECT_ENV, &object);
+    run(cargo).context("building podwire-verify statically")?;
+    Ok(target_dir.join(TARGET).join("release/podwire-verify"))
+}
+
+/// Packs busybox, podwire-verify and an init running it into `dir`/initrd.gz (newc cpio, gzip).
+fn initramfs(dir: &Path, verifier: &Path) -> Result<PathBuf> {
+    let root = dir.join("initramfs");
+    remove_dir(&root)?;
+    for sub in ["bin", "dev", "proc", "sys"] {
+        fs::create_dir_all(root.join(sub)).with_context(|| format!("creating {}", root.display()))?;
+    }
+    for (from, to) in [(Path::new("/bin/busybox"), "bin/busybox"), (verifier, "podwire-verify")] {
+        fs::copy(from, root.join(to)).with_context(|| format!("copying {}", from.display()))?;
+    }
+    // procfs for the kernel release, sysfs for the kernel's BTF and CPU list; nothing is pinned,
+    // so no bpffs. Powering off makes qemu exit (-no-reboot).
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox mount -t sysfs sysfs /sys\n\
+         echo '{START}'\n\
+         /podwire-verify\n\
+         echo \"{EXIT}$?\"\n\
+         /bin/busybox poweroff -f\n"
+    );
+    let init_path = root.join("init");
+    fs::write(&init_path, init).context("writing the VM's init")?;
+    fs::set_permissions(&init_path, fs::Permissions::from_mode(0o755))
+        .context("making the VM's init executable")?;
+    // The kernel hands init /dev/console as stdio; ours must not depend on the kernel's own
+    // built-in initramfs providing it.
+    mknod(&root.join("dev/console"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), makedev(5, 1))
+        .context("creating dev/console in the initramfs (needs root)")?;
+
+    let initrd = dir.join("initrd.gz");
+    let out = File::create(&initrd).with_context(|| format!("creating {}", initrd.display()))?;
+    let mut cpio = Command::new("cpio")
+        .args(["--quiet", "-o", "-H", "newc", "-R", "0:0"])
+        .current_dir(&root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cpio")?;
+    let cpio_out = cpio.stdout.take().expect("piped");
+    let mut gzip = Command::new("gzip").stdin(cpio_out).stdout(out).spawn().context("starting gzip")?;
+    let entries = ". bin bin/busybox dev dev/console proc sys init podwire-verify";
+    let mut list = cpio.stdin.take().expect("piped");
+    list.write_all(entries.replace(' ', "\n").as_bytes()).context("listing files to cpio")?;
+    drop(list);
+    let cpio_status = cpio.wait().context("waiting for cpio")?;
+    let gzip_status = gzip.wait().context("waiting for gzip")?;
+    ensure!(cpio_status.success(), "cpio failed packing {}: {cpio_status}", root.display());
+    ensure!(gzip_status.success(), "gzip failed writing {}: {gzip_status}", initrd.display());
+    Ok(initrd)
+}
+
+/// Boots the VM and returns its serial console, line by line, echoing podwire-verify's lines.
+fn boot(vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>> {
+    eprintln!("xtask: booting {} in qemu (TCG)", vmlinuz.display());
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "512", "-nographic", "-no-reboot"])
+        // The VM needs no network, and gets none.
+        .args(["-nic", "none"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        // panic=-1 reboots on a panic, which -no-reboot turns into qemu exiting.
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut child = qemu.spawn().with_context(|| format!("starting {qemu:?}"))?;
+    let mut console = BufReader::new(child.stdout.take().expect("piped"));
+    let (tx, rx) = mpsc::channel();
+    // A reader thread, so the wait for the next line can time out.
+    thread::spawn(move || {
+        let mut line = Vec::new();
+        while console.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+            if tx.send(text).is_err() {
+                break;
+            }
+            line.clear();
+        }
+    });
+
+    let deadline = Instant::now() + TIMEOUT;
+    let mut serial = Vec::new();
+    let mut echoing = false;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                // The kernel's console reset escapes precede the first line init prints.
+                if line.ends_with(START) {
+                    echoing = true;
+                } else if echoing {
+                    println!("{line}");
+                    echoing = !line.starts_with(EXIT);
+                }
+                serial.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Ignoring errors: qemu may have exited just now.
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the VM did not finish within {} s; its serial console:\n{}",
+                    TIMEOUT.as_secs(),
+                    serial.join("\n")
+                );
+            }
+        }
+    }
+    let status = child.wait().context("waiting for qemu")?;
+    ensure!(status.success(), "{qemu:?} failed: {status}; its serial console:\n{}", serial.join("\n"));
+    Ok(serial)
+}
+
+/// Fails unless podwire-verify exited 0, reported exactly [`PROGRAMS`] verified, on a 6.1 kernel.
+fn check(serial: &[String]) -> Result<()> {
+    let Some(code) = serial.iter().find_map(|line| line.strip_prefix(EXIT)) else {
+        bail!(
+            "the VM never reported podwire-verify's exit (kernel panic or broken init?); \
+             its serial console:\n{}",
+            serial.join("\n")
+        );
+    };
+    ensure!(
+        code == "0",
+        "podwire-verify exited with {code} on Debian's 6.1 kernel: a program failed its verifier, \
+         see its output above"
+    );
+    let verified: BTreeSet<&str> =
+        serial.iter().filter_map(|line| line.strip_prefix("verified ")).collect();
+    let expected = BTreeSet::from(PROGRAMS);
+    ensure!(
+        verified == expected,
+        "podwire-verify verified {verified:?}, xtask expects {expected:?}: \
+         keep vm.rs's PROGRAMS equal to podwire_agent::datapath::programs::ALL"
+    );
+    let summary = serial
+        .iter()
+        .find(|line| line.starts_with("podwire-verify: all "))
+        .context("podwire-verify printed no summary line")?;
+    ensure!(summary.contains(" on kernel 6.1."), "not Debian's 6.1 kernel: {summary}");
+    eprintln!("xtask: every podwire program passed the verifier of Debian 12's 6.1 kernel");
+    Ok(())
+}
+
+fn remove_dir(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
