@@ -5,10 +5,12 @@ use std::{env, path::PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=PODWIRE_EBPF_OBJECT");
-    let object = env::var_os("PODWIRE_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap())
-            .join("../target/ebpf/bpfel-unknown-none/release/podwire")
-    });
+    let object = env::var_os("PODWIRE_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap())
+                .join("../target/ebpf/bpfel-unknown-none/release/podwire")
+        });
     if !object.exists() {
         panic!(
             "eBPF object not found at {}: build it with `cargo xtask build`",

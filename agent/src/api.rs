@@ -38,9 +38,17 @@ pub enum Request {
     /// Is the agent ready to serve ADD?
     Status,
     /// Address for an attachment (the same one again if it already has one).
-    Allocate { attachment: Attachment, netns: String },
+    Allocate {
+        attachment: Attachment,
+        netns: String,
+    },
     /// The plugin has wired the veth: write the endpoint map and attach the datapath.
-    Register { attachment: Attachment, host_ifname: String, host_mac: Mac, pod_mac: Mac },
+    Register {
+        attachment: Attachment,
+        host_ifname: String,
+        host_mac: Mac,
+        pod_mac: Mac,
+    },
     /// Forget an attachment: map entry, datapath attachment, address. Idempotent.
     Release { attachment: Attachment },
     /// The agent's view of an attachment, after checking its map entry and attachment.
@@ -52,13 +60,26 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
-    Status { node: String, pod_cidr: Ipv4Net },
+    Status {
+        node: String,
+        pod_cidr: Ipv4Net,
+    },
     /// `mtu`: the pod MTU the node wants (underlay MTU less the tunnel's overhead).
-    Allocated { ip: Ipv4Addr, pod_cidr: Ipv4Net, mtu: u32 },
+    Allocated {
+        ip: Ipv4Addr,
+        pod_cidr: Ipv4Net,
+        mtu: u32,
+    },
     Registered,
-    Released { ip: Option<Ipv4Addr> },
-    Checked { endpoint: EndpointRecord },
-    Collected { removed: Vec<Attachment> },
+    Released {
+        ip: Option<Ipv4Addr>,
+    },
+    Checked {
+        endpoint: EndpointRecord,
+    },
+    Collected {
+        removed: Vec<Attachment>,
+    },
 }
 
 /// What the agent answers when it cannot do what was asked.
@@ -102,19 +123,30 @@ pub enum ClientError {
 /// Sends one request to the agent at `socket` and waits for its reply.
 pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     let name = socket.display().to_string();
-    let stream = UnixStream::connect(socket)
-        .map_err(|source| ClientError::Unreachable { socket: name.clone(), source })?;
-    let protocol = |detail: String| ClientError::Protocol { socket: name.clone(), detail };
+    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
+        socket: name.clone(),
+        source,
+    })?;
+    let protocol = |detail: String| ClientError::Protocol {
+        socket: name.clone(),
+        detail,
+    };
     // GC may delete many veths; nothing else takes long.
     let timeout = Some(Duration::from_secs(60));
-    stream.set_read_timeout(timeout).and_then(|()| stream.set_write_timeout(timeout))
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
         .map_err(|e| protocol(e.to_string()))?;
     let mut line = serde_json::to_string(request).expect("requests serialise");
     line.push('\n');
-    (&stream).write_all(line.as_bytes()).map_err(|e| protocol(e.to_string()))?;
+    (&stream)
+        .write_all(line.as_bytes())
+        .map_err(|e| protocol(e.to_string()))?;
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(|e| protocol(e.to_string()))?;
-    let response: Result<Reply, ApiError> =
-        serde_json::from_str(&answer).map_err(|e| protocol(format!("bad answer {answer:?}: {e}")))?;
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| protocol(e.to_string()))?;
+    let response: Result<Reply, ApiError> = serde_json::from_str(&answer)
+        .map_err(|e| protocol(format!("bad answer {answer:?}: {e}")))?;
     Ok(response?)
 }

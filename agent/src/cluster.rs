@@ -1,13 +1,7 @@
 //! The cluster as the agent needs it: every node's name, underlay address and pod CIDR. It comes
 //! from a [`ClusterSource`]; the first is a static file, reloaded when it changes.
 
-use std::{
-    collections::HashSet,
-    future::Future,
-    net::Ipv4Addr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{collections::HashSet, future::Future, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use ipnet::Ipv4Net;
 use serde::Deserialize;
@@ -65,15 +59,23 @@ impl Cluster {
                 return Err(format!("address {} is given to two nodes", node.address));
             }
             if node.pod_cidr != node.pod_cidr.trunc() {
-                return Err(format!("node {}: podCIDR {} has host bits set", node.name, node.pod_cidr));
+                return Err(format!(
+                    "node {}: podCIDR {} has host bits set",
+                    node.name, node.pod_cidr
+                ));
             }
             if let Some(cidr) = cluster.cluster_cidr {
                 if !cidr.contains(&node.pod_cidr) {
-                    return Err(format!("node {}: podCIDR {} is outside clusterCIDR {cidr}", node.name, node.pod_cidr));
+                    return Err(format!(
+                        "node {}: podCIDR {} is outside clusterCIDR {cidr}",
+                        node.name, node.pod_cidr
+                    ));
                 }
             }
             for other in &cluster.nodes[..i] {
-                if other.pod_cidr.contains(&node.pod_cidr) || node.pod_cidr.contains(&other.pod_cidr) {
+                if other.pod_cidr.contains(&node.pod_cidr)
+                    || node.pod_cidr.contains(&other.pod_cidr)
+                {
                     return Err(format!(
                         "podCIDR {} of {} overlaps {} of {}",
                         node.pod_cidr, node.name, other.pod_cidr, other.name
@@ -105,12 +107,22 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(path: PathBuf, interval: Duration) -> FileSource {
-        FileSource { path, interval, last: None }
+        FileSource {
+            path,
+            interval,
+            last: None,
+        }
     }
 
     fn read(&self) -> Result<Cluster, ClusterError> {
-        let bytes = std::fs::read(&self.path).map_err(|source| ClusterError::Read { path: self.path.clone(), source })?;
-        Cluster::parse(&bytes).map_err(|message| ClusterError::Invalid { path: self.path.clone(), message })
+        let bytes = std::fs::read(&self.path).map_err(|source| ClusterError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        Cluster::parse(&bytes).map_err(|message| ClusterError::Invalid {
+            path: self.path.clone(),
+            message,
+        })
     }
 }
 
@@ -130,7 +142,10 @@ impl ClusterSource for FileSource {
                 }
                 Ok(_) => {}
                 // Keep the last good cluster while the file is being rewritten or is broken.
-                Err(e) => warn!("{}; keeping the previous cluster", crate::daemon::error_chain(&e)),
+                Err(e) => warn!(
+                    "{}; keeping the previous cluster",
+                    crate::daemon::error_chain(&e)
+                ),
             }
         }
     }
@@ -145,13 +160,36 @@ mod tests {
         let ok = r#"{"clusterCIDR":"10.244.0.0/16","nodes":[
             {"name":"a","address":"192.168.77.1","podCIDR":"10.244.1.0/24"},
             {"name":"b","address":"192.168.77.2","podCIDR":"10.244.2.0/24"}]}"#;
-        assert_eq!(Cluster::parse(ok.as_bytes()).unwrap().node("b").unwrap().pod_cidr.to_string(), "10.244.2.0/24");
+        assert_eq!(
+            Cluster::parse(ok.as_bytes())
+                .unwrap()
+                .node("b")
+                .unwrap()
+                .pod_cidr
+                .to_string(),
+            "10.244.2.0/24"
+        );
         for (bad, says) in [
-            (r#"{"nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.244.1.0/24"},{"name":"a","address":"192.168.77.2","podCIDR":"10.244.2.0/24"}]}"#, "listed twice"),
-            (r#"{"nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.244.0.0/16"},{"name":"b","address":"192.168.77.2","podCIDR":"10.244.2.0/24"}]}"#, "overlaps"),
-            (r#"{"clusterCIDR":"10.244.0.0/16","nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.9.1.0/24"}]}"#, "outside clusterCIDR"),
-            (r#"{"nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.244.1.7/24"}]}"#, "host bits"),
-            (r#"{"nodes":[{"name":"a","address":"192.168.77.1"}]}"#, "podCIDR"),
+            (
+                r#"{"nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.244.1.0/24"},{"name":"a","address":"192.168.77.2","podCIDR":"10.244.2.0/24"}]}"#,
+                "listed twice",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.244.0.0/16"},{"name":"b","address":"192.168.77.2","podCIDR":"10.244.2.0/24"}]}"#,
+                "overlaps",
+            ),
+            (
+                r#"{"clusterCIDR":"10.244.0.0/16","nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.9.1.0/24"}]}"#,
+                "outside clusterCIDR",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"192.168.77.1","podCIDR":"10.244.1.7/24"}]}"#,
+                "host bits",
+            ),
+            (
+                r#"{"nodes":[{"name":"a","address":"192.168.77.1"}]}"#,
+                "podCIDR",
+            ),
         ] {
             let err = Cluster::parse(bad.as_bytes()).unwrap_err();
             assert!(err.contains(says), "{err} (want {says:?})");

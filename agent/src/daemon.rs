@@ -3,8 +3,8 @@
 
 use std::{net::Ipv4Addr, path::Path, sync::Arc};
 
-use futures::TryStreamExt as _;
 use anyhow::Context as _;
+use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use podwire_common::{node_flags, Endpoint, NodeEntry};
 use tokio::{
@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 use crate::{
     api::{ApiError, Attachment, ErrorKind, Reply, Request},
     cluster::{Cluster, NodeInfo},
-    overlay::{self, VXLAN_DEV},
     datapath::{Datapath, DatapathError, Hook},
+    overlay::{self, VXLAN_DEV},
     pins::Pins,
     state::{EndpointRecord, State, StateError, Wiring},
 };
@@ -45,7 +45,10 @@ pub struct OverlayNode {
 
 impl From<DatapathError> for ApiError {
     fn from(e: DatapathError) -> ApiError {
-        ApiError { kind: ErrorKind::Internal, message: error_chain(&e) }
+        ApiError {
+            kind: ErrorKind::Internal,
+            message: error_chain(&e),
+        }
     }
 }
 
@@ -55,7 +58,10 @@ impl From<StateError> for ApiError {
             StateError::Exhausted(_) => ErrorKind::TryAgain,
             _ => ErrorKind::Internal,
         };
-        ApiError { kind, message: error_chain(&e) }
+        ApiError {
+            kind,
+            message: error_chain(&e),
+        }
     }
 }
 
@@ -72,7 +78,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn invalid(message: String) -> ApiError {
-    ApiError { kind: ErrorKind::Invalid, message }
+    ApiError {
+        kind: ErrorKind::Invalid,
+        message,
+    }
 }
 
 impl Daemon {
@@ -101,14 +110,26 @@ impl Daemon {
                 datapath.remove_endpoint(ip)?;
             }
         }
-        let mut daemon = Daemon { node, datapath, state, pins, netlink, pod_mtu, overlay };
+        let mut daemon = Daemon {
+            node,
+            datapath,
+            state,
+            pins,
+            netlink,
+            pod_mtu,
+            overlay,
+        };
         let records: Vec<EndpointRecord> = daemon.state.endpoints().cloned().collect();
         for record in records {
-            let Some(wiring) = &record.wiring else { continue };
+            let Some(wiring) = &record.wiring else {
+                continue;
+            };
             match daemon.wire(record.ip, wiring) {
                 Ok(()) => debug!(ip = %record.ip, veth = %wiring.host_ifname, "endpoint restored"),
                 // The pod went away while the agent was down: DEL or GC will release it.
-                Err(e) => warn!(ip = %record.ip, veth = %wiring.host_ifname, "cannot restore endpoint: {}", e.message),
+                Err(e) => {
+                    warn!(ip = %record.ip, veth = %wiring.host_ifname, "cannot restore endpoint: {}", e.message)
+                }
             }
         }
         Ok(daemon)
@@ -153,17 +174,36 @@ impl Daemon {
 
     async fn handle(&mut self, request: Request) -> Result<Reply, ApiError> {
         match request {
-            Request::Status => Ok(Reply::Status { node: self.node.clone(), pod_cidr: self.state.pod_cidr() }),
+            Request::Status => Ok(Reply::Status {
+                node: self.node.clone(),
+                pod_cidr: self.state.pod_cidr(),
+            }),
             Request::Allocate { attachment, netns } => {
                 let ip = self.state.allocate(&attachment, &netns)?;
                 info!(container = %attachment.container_id, %ip, "address allocated");
-                Ok(Reply::Allocated { ip, pod_cidr: self.state.pod_cidr(), mtu: self.pod_mtu })
+                Ok(Reply::Allocated {
+                    ip,
+                    pod_cidr: self.state.pod_cidr(),
+                    mtu: self.pod_mtu,
+                })
             }
-            Request::Register { attachment, host_ifname, host_mac, pod_mac } => {
+            Request::Register {
+                attachment,
+                host_ifname,
+                host_mac,
+                pod_mac,
+            } => {
                 let record = self.state.get(&attachment).cloned().ok_or_else(|| {
-                    invalid(format!("{} has no address: allocate first", attachment.key()))
+                    invalid(format!(
+                        "{} has no address: allocate first",
+                        attachment.key()
+                    ))
                 })?;
-                let wiring = Wiring { host_ifname, host_mac, pod_mac };
+                let wiring = Wiring {
+                    host_ifname,
+                    host_mac,
+                    pod_mac,
+                };
                 if let Err(e) = self.wire(record.ip, &wiring) {
                     self.unwire(record.ip, &wiring.host_ifname)?;
                     return Err(e);
@@ -176,17 +216,23 @@ impl Daemon {
                 let ip = self.release(&attachment)?;
                 Ok(Reply::Released { ip })
             }
-            Request::Check { attachment } => self.check(&attachment).map(|endpoint| Reply::Checked { endpoint }),
+            Request::Check { attachment } => self
+                .check(&attachment)
+                .map(|endpoint| Reply::Checked { endpoint }),
             Request::Gc { valid } => {
                 let valid: std::collections::HashSet<Attachment> = valid.into_iter().collect();
                 let stale: Vec<Attachment> = self
                     .state
                     .endpoints()
-                    .map(|e| Attachment { container_id: e.container_id.clone(), ifname: e.ifname.clone() })
+                    .map(|e| Attachment {
+                        container_id: e.container_id.clone(),
+                        ifname: e.ifname.clone(),
+                    })
                     .filter(|a| !valid.contains(a))
                     .collect();
                 for attachment in &stale {
-                    if let Some(wiring) = self.state.get(attachment).and_then(|r| r.wiring.clone()) {
+                    if let Some(wiring) = self.state.get(attachment).and_then(|r| r.wiring.clone())
+                    {
                         self.delete_link(&wiring.host_ifname).await?;
                     }
                     self.release(attachment)?;
@@ -205,12 +251,31 @@ impl Daemon {
         let own_cidr = self.state.pod_cidr();
         let mut want: Vec<(Ipv4Net, NodeEntry)> = Vec::new();
         if let Some(cidr) = cluster.cluster_cidr {
-            want.push((cidr, NodeEntry { addr: [0; 4], flags: node_flags::NO_NODE }));
+            want.push((
+                cidr,
+                NodeEntry {
+                    addr: [0; 4],
+                    flags: node_flags::NO_NODE,
+                },
+            ));
         }
-        want.push((own_cidr, NodeEntry { addr: overlay.address.octets(), flags: node_flags::LOCAL }));
-        let remote: Vec<&NodeInfo> = cluster.nodes.iter().filter(|n| n.address != overlay.address).collect();
+        want.push((
+            own_cidr,
+            NodeEntry {
+                addr: overlay.address.octets(),
+                flags: node_flags::LOCAL,
+            },
+        ));
+        let remote: Vec<&NodeInfo> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.address != overlay.address)
+            .collect();
         for node in &remote {
-            let entry = NodeEntry { addr: node.address.octets(), flags: 0 };
+            let entry = NodeEntry {
+                addr: node.address.octets(),
+                flags: 0,
+            };
             want.push((node.pod_cidr, entry));
             // Pods reach other nodes' own addresses through the tunnel too, so their replies,
             // which come back through it, match what was sent.
@@ -228,13 +293,23 @@ impl Daemon {
             }
         }
         let remote_cidrs: Vec<Ipv4Net> = remote.iter().map(|n| n.pod_cidr).collect();
-        overlay::sync_routes(&self.netlink, overlay.vxlan_index, overlay.address, &remote_cidrs).await?;
+        overlay::sync_routes(
+            &self.netlink,
+            overlay.vxlan_index,
+            overlay.address,
+            &remote_cidrs,
+        )
+        .await?;
         let pod_ranges = match cluster.cluster_cidr {
             Some(cidr) => vec![cidr],
             None => cluster.nodes.iter().map(|n| n.pod_cidr).collect(),
         };
         overlay::sync_masquerade(own_cidr, &pod_ranges)?;
-        info!(nodes = cluster.nodes.len(), remote = remote.len(), "cluster applied");
+        info!(
+            nodes = cluster.nodes.len(),
+            remote = remote.len(),
+            "cluster applied"
+        );
         Ok(())
     }
 
@@ -244,10 +319,16 @@ impl Daemon {
             .map_err(|e| invalid(format!("host-side veth {}: {e}", wiring.host_ifname)))?;
         self.datapath.set_endpoint(
             ip,
-            Endpoint { ifindex, flags: 0, pod_mac: wiring.pod_mac.0, host_mac: wiring.host_mac.0 },
+            Endpoint {
+                ifindex,
+                flags: 0,
+                pod_mac: wiring.pod_mac.0,
+                host_mac: wiring.host_mac.0,
+            },
         )?;
         let pin = self.pins.link(Hook::from_pod(&wiring.host_ifname));
-        self.datapath.attach_pinned(Hook::from_pod(&wiring.host_ifname), &pin)?;
+        self.datapath
+            .attach_pinned(Hook::from_pod(&wiring.host_ifname), &pin)?;
         Ok(())
     }
 
@@ -274,46 +355,90 @@ impl Daemon {
 
     /// The record of `attachment`, after checking the datapath holds what the record says.
     fn check(&mut self, attachment: &Attachment) -> Result<EndpointRecord, ApiError> {
-        let record = self
-            .state
-            .get(attachment)
-            .cloned()
-            .ok_or_else(|| invalid(format!("the agent has no endpoint for {}", attachment.key())))?;
-        let wiring = record
-            .wiring
-            .as_ref()
-            .ok_or_else(|| invalid(format!("{} was allocated {} but never registered", attachment.key(), record.ip)))?;
-        let ifindex = nix::net::if_::if_nametoindex(wiring.host_ifname.as_str())
-            .map_err(|e| invalid(format!("host-side veth {} of {}: {e}", wiring.host_ifname, record.ip)))?;
-        let entry = self.datapath.endpoints()?.into_iter().find(|(ip, _)| *ip == record.ip);
-        let want = Endpoint { ifindex, flags: 0, pod_mac: wiring.pod_mac.0, host_mac: wiring.host_mac.0 };
+        let record = self.state.get(attachment).cloned().ok_or_else(|| {
+            invalid(format!(
+                "the agent has no endpoint for {}",
+                attachment.key()
+            ))
+        })?;
+        let wiring = record.wiring.as_ref().ok_or_else(|| {
+            invalid(format!(
+                "{} was allocated {} but never registered",
+                attachment.key(),
+                record.ip
+            ))
+        })?;
+        let ifindex = nix::net::if_::if_nametoindex(wiring.host_ifname.as_str()).map_err(|e| {
+            invalid(format!(
+                "host-side veth {} of {}: {e}",
+                wiring.host_ifname, record.ip
+            ))
+        })?;
+        let entry = self
+            .datapath
+            .endpoints()?
+            .into_iter()
+            .find(|(ip, _)| *ip == record.ip);
+        let want = Endpoint {
+            ifindex,
+            flags: 0,
+            pod_mac: wiring.pod_mac.0,
+            host_mac: wiring.host_mac.0,
+        };
         match entry {
-            None => return Err(invalid(format!("endpoint map has no entry for {}", record.ip))),
+            None => {
+                return Err(invalid(format!(
+                    "endpoint map has no entry for {}",
+                    record.ip
+                )))
+            }
             Some((_, got)) if got != want => {
-                return Err(invalid(format!("endpoint map entry for {} is {got:?}, expected {want:?}", record.ip)))
+                return Err(invalid(format!(
+                    "endpoint map entry for {} is {got:?}, expected {want:?}",
+                    record.ip
+                )))
             }
             Some(_) => {}
         }
         let pin = self.pins.link(Hook::from_pod(&wiring.host_ifname));
         if Datapath::tcx_links_pinned() && !pin.exists() {
-            return Err(invalid(format!("from_pod is not attached to {} (no link at {})", wiring.host_ifname, pin.display())));
+            return Err(invalid(format!(
+                "from_pod is not attached to {} (no link at {})",
+                wiring.host_ifname,
+                pin.display()
+            )));
         }
         Ok(record)
     }
 
     /// Deletes the link named `name` in the node's namespace; a missing one is fine.
     async fn delete_link(&self, name: &str) -> Result<(), ApiError> {
-        let mut links = self.netlink.link().get().match_name(name.to_owned()).execute();
+        let mut links = self
+            .netlink
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         let index = match links.try_next().await {
             Ok(Some(link)) => link.header.index,
             Ok(None) => return Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => return Ok(()),
-            Err(e) => return Err(ApiError { kind: ErrorKind::Internal, message: format!("looking up {name}: {e}") }),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(())
+            }
+            Err(e) => {
+                return Err(ApiError {
+                    kind: ErrorKind::Internal,
+                    message: format!("looking up {name}: {e}"),
+                })
+            }
         };
         match self.netlink.link().del(index).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-            Err(e) => Err(ApiError { kind: ErrorKind::Internal, message: format!("deleting {name}: {e}") }),
+            Err(e) => Err(ApiError {
+                kind: ErrorKind::Internal,
+                message: format!("deleting {name}: {e}"),
+            }),
         }
     }
 }

@@ -71,14 +71,26 @@ pub struct Hook<'a> {
 impl<'a> Hook<'a> {
     /// `from_pod` at ingress of a pod's host-side veth.
     pub fn from_pod(iface: &'a str) -> Hook<'a> {
-        Hook { program: programs::FROM_POD, iface, direction: TcAttachType::Ingress }
+        Hook {
+            program: programs::FROM_POD,
+            iface,
+            direction: TcAttachType::Ingress,
+        }
     }
 
     /// `from_overlay` at ingress and `to_overlay` at egress of the VXLAN device.
     pub fn overlay(iface: &'a str) -> [Hook<'a>; 2] {
         [
-            Hook { program: programs::FROM_OVERLAY, iface, direction: TcAttachType::Ingress },
-            Hook { program: programs::TO_OVERLAY, iface, direction: TcAttachType::Egress },
+            Hook {
+                program: programs::FROM_OVERLAY,
+                iface,
+                direction: TcAttachType::Ingress,
+            },
+            Hook {
+                program: programs::TO_OVERLAY,
+                iface,
+                direction: TcAttachType::Egress,
+            },
         ]
     }
 }
@@ -91,7 +103,10 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     /// The object lacks a program or map this agent expects: agent and object are out of step.
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     /// The verifier rejected a program, or it could not be attached; the source holds the
     /// verifier log when there is one.
     #[error("program {program}: {action}")]
@@ -205,13 +220,20 @@ impl Datapath {
             LogLevel::Off => None,
             _ => Some(EbpfLogger::init(&mut ebpf)?),
         };
-        let mut datapath = Datapath { ebpf, logger, links: Vec::new() };
+        let mut datapath = Datapath {
+            ebpf,
+            logger,
+            links: Vec::new(),
+        };
         for name in programs::ALL {
-            datapath.classifier(name)?.load().map_err(|source| DatapathError::Program {
-                program: name,
-                action: "loading (verifier)".into(),
-                source,
-            })?;
+            datapath
+                .classifier(name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    action: "loading (verifier)".into(),
+                    source,
+                })?;
         }
         Ok(datapath)
     }
@@ -250,11 +272,16 @@ impl Datapath {
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                     .map_err(|e| pin_err(e.into()))?;
                 let program = self.classifier(hook.program)?;
-                let id = program.attach_to_link(link).map_err(|source| DatapathError::Program {
-                    program: hook.program,
-                    action: format!("replacing the program of the link pinned at {}", pin.display()),
-                    source,
-                })?;
+                let id = program
+                    .attach_to_link(link)
+                    .map_err(|source| DatapathError::Program {
+                        program: hook.program,
+                        action: format!(
+                            "replacing the program of the link pinned at {}",
+                            pin.display()
+                        ),
+                        source,
+                    })?;
                 // Closing our descriptor leaves the pinned link attached.
                 drop(program.take_link(id));
             }
@@ -284,12 +311,21 @@ impl Datapath {
     }
 
     fn attach_link(&mut self, hook: Hook<'_>) -> Result<SchedClassifierLink, DatapathError> {
-        let Hook { program: name, iface, direction } = hook;
+        let Hook {
+            program: name,
+            iface,
+            direction,
+        } = hook;
         if !tcx_supported() {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => {}
                 Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => return Err(DatapathError::Qdisc { iface: iface.into(), source }),
+                Err(source) => {
+                    return Err(DatapathError::Qdisc {
+                        iface: iface.into(),
+                        source,
+                    })
+                }
             }
         }
         let program = self.classifier(name)?;
@@ -306,8 +342,14 @@ impl Datapath {
         let map = self
             .ebpf
             .map_mut(maps::NODES)
-            .ok_or(DatapathError::Missing { kind: "map", name: maps::NODES })?;
-        LpmTrie::try_from(map).map_err(|source| DatapathError::Map { name: maps::NODES, source })
+            .ok_or(DatapathError::Missing {
+                kind: "map",
+                name: maps::NODES,
+            })?;
+        LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
+            name: maps::NODES,
+            source,
+        })
     }
 
     /// Every entry of the node table.
@@ -321,7 +363,10 @@ impl Datapath {
                             .expect("the kernel keeps prefixes within 32 bits");
                         (net, node)
                     })
-                    .map_err(|source| DatapathError::Map { name: maps::NODES, source })
+                    .map_err(|source| DatapathError::Map {
+                        name: maps::NODES,
+                        source,
+                    })
             })
             .collect()
     }
@@ -331,7 +376,10 @@ impl Datapath {
         let key = LpmKey::new(u32::from(net.prefix_len()), net.network().octets());
         self.nodes_map()?
             .insert(&key, node, 0)
-            .map_err(|source| DatapathError::Map { name: maps::NODES, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::NODES,
+                source,
+            })
     }
 
     /// Removes the node table entry of `net`, if there is one.
@@ -339,30 +387,47 @@ impl Datapath {
         let key = LpmKey::new(u32::from(net.prefix_len()), net.network().octets());
         match self.nodes_map()?.remove(&key) {
             Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(source) => Err(DatapathError::Map { name: maps::NODES, source }),
+            Err(source) => Err(DatapathError::Map {
+                name: maps::NODES,
+                source,
+            }),
         }
     }
 
-    fn endpoints_map(&mut self) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
+    fn endpoints_map(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
         let map = self
             .ebpf
             .map_mut(maps::ENDPOINTS)
-            .ok_or(DatapathError::Missing { kind: "map", name: maps::ENDPOINTS })?;
-        HashMap::try_from(map).map_err(|source| DatapathError::Map { name: maps::ENDPOINTS, source })
+            .ok_or(DatapathError::Missing {
+                kind: "map",
+                name: maps::ENDPOINTS,
+            })?;
+        HashMap::try_from(map).map_err(|source| DatapathError::Map {
+            name: maps::ENDPOINTS,
+            source,
+        })
     }
 
     /// Writes (or replaces) the endpoint of `ip`.
     pub fn set_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<(), DatapathError> {
         self.endpoints_map()?
             .insert(ip.octets(), endpoint, 0)
-            .map_err(|source| DatapathError::Map { name: maps::ENDPOINTS, source })
+            .map_err(|source| DatapathError::Map {
+                name: maps::ENDPOINTS,
+                source,
+            })
     }
 
     /// Removes the endpoint of `ip`, if there is one.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         match self.endpoints_map()?.remove(&ip.octets()) {
             Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(source) => Err(DatapathError::Map { name: maps::ENDPOINTS, source }),
+            Err(source) => Err(DatapathError::Map {
+                name: maps::ENDPOINTS,
+                source,
+            }),
         }
     }
 
@@ -373,17 +438,26 @@ impl Datapath {
             .map(|entry| {
                 entry
                     .map(|(key, ep)| (Ipv4Addr::from(key), ep))
-                    .map_err(|source| DatapathError::Map { name: maps::ENDPOINTS, source })
+                    .map_err(|source| DatapathError::Map {
+                        name: maps::ENDPOINTS,
+                        source,
+                    })
             })
             .collect()
     }
 
     /// The program named `name`, which must be a tc classifier.
-    pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+    pub fn classifier(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DatapathError> {
         self.ebpf
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
-            .ok_or(DatapathError::Missing { kind: "tc program", name })
+            .ok_or(DatapathError::Missing {
+                kind: "tc program",
+                name,
+            })
     }
 
     /// Counters summed over CPUs, one row per known reason.
@@ -391,8 +465,14 @@ impl Datapath {
         let map = self
             .ebpf
             .map(maps::COUNTERS)
-            .ok_or(DatapathError::Missing { kind: "map", name: maps::COUNTERS })?;
-        let map_err = |source| DatapathError::Map { name: maps::COUNTERS, source };
+            .ok_or(DatapathError::Missing {
+                kind: "map",
+                name: maps::COUNTERS,
+            })?;
+        let map_err = |source| DatapathError::Map {
+            name: maps::COUNTERS,
+            source,
+        };
         let counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err)?;
         Reason::ALL
             .into_iter()
@@ -406,5 +486,4 @@ impl Datapath {
             })
             .collect()
     }
-
 }

@@ -42,7 +42,9 @@ impl TryFrom<&[u8]> for Mac {
     type Error = MacParseError;
 
     fn try_from(bytes: &[u8]) -> Result<Mac, MacParseError> {
-        <[u8; 6]>::try_from(bytes).map(Mac).map_err(|_| MacParseError(format!("{bytes:02x?}")))
+        <[u8; 6]>::try_from(bytes)
+            .map(Mac)
+            .map_err(|_| MacParseError(format!("{bytes:02x?}")))
     }
 }
 
@@ -54,7 +56,9 @@ impl Serialize for Mac {
 
 impl<'de> Deserialize<'de> for Mac {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -67,7 +71,13 @@ mod tests {
         let mac: Mac = "0a:58:0A:f4:00:05".parse().unwrap();
         assert_eq!(mac.0, [0x0a, 0x58, 0x0a, 0xf4, 0x00, 0x05]);
         assert_eq!(mac.to_string(), "0a:58:0a:f4:00:05");
-        for bad in ["", "0a:58:0a:f4:00", "0a:58:0a:f4:00:05:06", "0a:58:0a:f4:00:zz", "a:58:0a:f4:00:05"] {
+        for bad in [
+            "",
+            "0a:58:0a:f4:00",
+            "0a:58:0a:f4:00:05:06",
+            "0a:58:0a:f4:00:zz",
+            "a:58:0a:f4:00:05",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
         }
     }

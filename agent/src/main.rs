@@ -12,7 +12,7 @@ use clap::Parser;
 use ipnet::Ipv4Net;
 use podwire_agent::{
     api,
-    cluster::{ClusterSource as _, FileSource},
+    cluster::{Cluster, ClusterSource as _, FileSource, NodeInfo},
     daemon::{self, Daemon, OverlayNode},
     datapath::{Datapath, LogLevel, Logger, Overlay},
     overlay,
@@ -98,28 +98,26 @@ async fn main() -> Result<()> {
     let serving = args.pod_cidr.is_some() || args.cluster_file.is_some();
     let pins = serving.then(|| Pins::new(&args.bpffs));
     if let Some(pins) = &pins {
-        pins.prepare().context("preparing the bpffs pin directories")?;
+        pins.prepare()
+            .context("preparing the bpffs pin directories")?;
     }
     let mut cluster_source = args
         .cluster_file
         .clone()
         .map(|path| FileSource::new(path, Duration::from_secs(1)));
-    let mut setup = None;
-    if let Some(source) = &mut cluster_source {
-        let cluster = source.next().await?;
-        let me = cluster.node(&args.node_name).cloned().with_context(|| {
-            format!("node {} is not in the cluster file {:?}", args.node_name, args.cluster_file)
-        })?;
-        let (connection, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(connection);
-        let underlay = overlay::underlay(&handle, me.address).await?;
-        let pod_mtu = args.mtu.unwrap_or(underlay.mtu - overlay::VXLAN_OVERHEAD);
-        let vxlan_index = overlay::ensure_vxlan(&handle, args.vxlan_port, underlay.mtu - overlay::VXLAN_OVERHEAD).await?;
-        info!(underlay = %underlay.name, underlay_mtu = underlay.mtu, pod_mtu, vni = args.vni, "overlay device {} ready", overlay::VXLAN_DEV);
-        setup = Some((cluster, me, pod_mtu, vxlan_index));
-    }
-    let overlay_config = setup.as_ref().map(|(_, _, _, ifindex)| Overlay { ifindex: *ifindex, vni: args.vni });
-    let mut datapath = Datapath::load(LogLevel::from_filter(&args.log), pins.as_ref(), overlay_config)?;
+    let setup = match &mut cluster_source {
+        Some(source) => Some(join_overlay(&args, source).await?),
+        None => None,
+    };
+    let overlay_config = setup.as_ref().map(|s| Overlay {
+        ifindex: s.vxlan_index,
+        vni: args.vni,
+    });
+    let mut datapath = Datapath::load(
+        LogLevel::from_filter(&args.log),
+        pins.as_ref(),
+        overlay_config,
+    )?;
     if let Some(logger) = datapath.take_logger() {
         tokio::spawn(forward_logs(logger));
     }
@@ -130,17 +128,28 @@ async fn main() -> Result<()> {
         info!(iface = %iface, "attached from_pod to tc ingress");
     }
 
-    let pod_cidr = args.pod_cidr.or(setup.as_ref().map(|(_, me, _, _)| me.pod_cidr));
+    let pod_cidr = args.pod_cidr.or(setup.as_ref().map(|s| s.me.pod_cidr));
     let daemon = match (pod_cidr, pins) {
         (Some(pod_cidr), Some(pins)) => {
             let state = State::open(&args.state_dir, pod_cidr)?;
-            let pod_mtu = setup.as_ref().map_or(args.mtu.unwrap_or(1500), |(_, _, mtu, _)| *mtu);
-            let overlay_node = setup
+            let pod_mtu = setup
                 .as_ref()
-                .map(|(_, me, _, vxlan_index)| OverlayNode { address: me.address, vxlan_index: *vxlan_index });
-            let mut daemon = Daemon::start(args.node_name.clone(), datapath, state, pins, pod_mtu, overlay_node).await?;
-            if let Some((cluster, _, _, _)) = &setup {
-                daemon.apply_cluster(cluster).await?;
+                .map_or(args.mtu.unwrap_or(1500), |s| s.pod_mtu);
+            let overlay_node = setup.as_ref().map(|s| OverlayNode {
+                address: s.me.address,
+                vxlan_index: s.vxlan_index,
+            });
+            let mut daemon = Daemon::start(
+                args.node_name.clone(),
+                datapath,
+                state,
+                pins,
+                pod_mtu,
+                overlay_node,
+            )
+            .await?;
+            if let Some(setup) = &setup {
+                daemon.apply_cluster(&setup.cluster).await?;
             }
             let daemon = Arc::new(tokio::sync::Mutex::new(daemon));
             if let Some(mut source) = cluster_source {
@@ -169,7 +178,12 @@ async fn main() -> Result<()> {
             info!("datapath running; Ctrl-C or SIGTERM detaches and exits");
             wait_for_signal(&mut sigint, &mut sigterm).await;
             for (reason, counter) in datapath.counters()? {
-                info!(reason = reason.name(), packets = counter.packets, bytes = counter.bytes, "counter");
+                info!(
+                    reason = reason.name(),
+                    packets = counter.packets,
+                    bytes = counter.bytes,
+                    "counter"
+                );
             }
             drop(datapath);
             info!("detached");
@@ -188,7 +202,49 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal(sigint: &mut tokio::signal::unix::Signal, sigterm: &mut tokio::signal::unix::Signal) {
+/// This node's place in the cluster and its overlay device, made ready before the datapath
+/// loads (the programs get the device's ifindex at load time).
+struct OverlaySetup {
+    cluster: Cluster,
+    me: NodeInfo,
+    pod_mtu: u32,
+    vxlan_index: u32,
+}
+
+async fn join_overlay(args: &Args, source: &mut FileSource) -> Result<OverlaySetup> {
+    let cluster = source.next().await?;
+    let me = cluster.node(&args.node_name).cloned().with_context(|| {
+        format!(
+            "node {} is not in the cluster file {:?}",
+            args.node_name, args.cluster_file
+        )
+    })?;
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let underlay = overlay::underlay(&handle, me.address).await?;
+    let device_mtu = underlay.mtu - overlay::VXLAN_OVERHEAD;
+    let pod_mtu = args.mtu.unwrap_or(device_mtu);
+    let vxlan_index = overlay::ensure_vxlan(&handle, args.vxlan_port, device_mtu).await?;
+    info!(
+        underlay = %underlay.name,
+        underlay_mtu = underlay.mtu,
+        pod_mtu,
+        vni = args.vni,
+        "overlay device {} ready",
+        overlay::VXLAN_DEV
+    );
+    Ok(OverlaySetup {
+        cluster,
+        me,
+        pod_mtu,
+        vxlan_index,
+    })
+}
+
+async fn wait_for_signal(
+    sigint: &mut tokio::signal::unix::Signal,
+    sigterm: &mut tokio::signal::unix::Signal,
+) {
     tokio::select! {
         _ = sigint.recv() => info!("SIGINT: exiting"),
         _ = sigterm.recv() => info!("SIGTERM: exiting"),

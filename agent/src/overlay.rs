@@ -61,7 +61,10 @@ pub async fn underlay(handle: &Handle, address: Ipv4Addr) -> Result<Underlay, Ov
         .map_err(netlink("listing addresses"))?;
     let index = addresses
         .iter()
-        .find(|a| a.attributes.contains(&AddressAttribute::Address(address.into())))
+        .find(|a| {
+            a.attributes
+                .contains(&AddressAttribute::Address(address.into()))
+        })
         .map(|a| a.header.index)
         .ok_or(OverlayError::NoUnderlay(address))?;
     let link = link_by_index(handle, index).await?;
@@ -73,7 +76,10 @@ pub async fn underlay(handle: &Handle, address: Ipv4Addr) -> Result<Underlay, Ov
         LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
     });
-    Ok(Underlay { name: name.unwrap_or_default(), mtu: mtu.unwrap_or(1500) })
+    Ok(Underlay {
+        name: name.unwrap_or_default(),
+        mtu: mtu.unwrap_or(1500),
+    })
 }
 
 async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkMessage, OverlayError> {
@@ -94,7 +100,13 @@ async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkMessage, Overl
 /// Creates the VXLAN device if it does not exist (collect_md, `port`, no learning, NOARP since
 /// the programs route by IP and rewrite MACs, `mtu`) and sets it up; returns its ifindex.
 pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32, OverlayError> {
-    let existing = handle.link().get().match_name(VXLAN_DEV.to_owned()).execute().try_next().await;
+    let existing = handle
+        .link()
+        .get()
+        .match_name(VXLAN_DEV.to_owned())
+        .execute()
+        .try_next()
+        .await;
     let index = match existing {
         Ok(Some(link)) => link.header.index,
         _ => {
@@ -105,13 +117,29 @@ pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32, O
                 .mtu(mtu)
                 .arp(false)
                 .build();
-            handle.link().add(vxlan).execute().await.map_err(netlink(format!("creating {VXLAN_DEV}")))?;
-            let link = handle.link().get().match_name(VXLAN_DEV.to_owned()).execute().try_next().await;
-            link.map_err(netlink(format!("reading {VXLAN_DEV}")))?.map(|l| l.header.index).unwrap_or_default()
+            handle
+                .link()
+                .add(vxlan)
+                .execute()
+                .await
+                .map_err(netlink(format!("creating {VXLAN_DEV}")))?;
+            let link = handle
+                .link()
+                .get()
+                .match_name(VXLAN_DEV.to_owned())
+                .execute()
+                .try_next()
+                .await;
+            link.map_err(netlink(format!("reading {VXLAN_DEV}")))?
+                .map(|l| l.header.index)
+                .unwrap_or_default()
         }
     };
     // No IPv6 on the device: nothing would carry it (the programs tunnel IPv4 only).
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{VXLAN_DEV}/disable_ipv6"), "1");
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{VXLAN_DEV}/disable_ipv6"),
+        "1",
+    );
     handle
         .link()
         .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
@@ -136,14 +164,24 @@ pub async fn sync_routes(
         .try_collect()
         .await
         .map_err(netlink("listing routes"))?;
-    for route in routes.into_iter().filter(|r| r.attributes.contains(&RouteAttribute::Oif(vxlan_index))) {
+    for route in routes
+        .into_iter()
+        .filter(|r| r.attributes.contains(&RouteAttribute::Oif(vxlan_index)))
+    {
         let dst = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => Some(*ip),
+            RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => {
+                Some(*ip)
+            }
             _ => None,
         });
         let net = dst.and_then(|ip| Ipv4Net::new(ip, route.header.destination_prefix_length).ok());
         if net.is_some_and(|n| !remote_cidrs.contains(&n)) {
-            handle.route().del(route).execute().await.map_err(netlink("removing a stale overlay route"))?;
+            handle
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .map_err(netlink("removing a stale overlay route"))?;
         }
     }
     for net in remote_cidrs {
@@ -186,10 +224,18 @@ pub fn sync_masquerade(pod_cidr: Ipv4Net, cluster: &[Ipv4Net]) -> Result<(), Ove
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| OverlayError::Nft(format!("{e} (is the nftables package installed?)")))?;
-    nft.stdin.take().expect("piped").write_all(ruleset.as_bytes()).map_err(|e| OverlayError::Nft(e.to_string()))?;
-    let out = nft.wait_with_output().map_err(|e| OverlayError::Nft(e.to_string()))?;
+    nft.stdin
+        .take()
+        .expect("piped")
+        .write_all(ruleset.as_bytes())
+        .map_err(|e| OverlayError::Nft(e.to_string()))?;
+    let out = nft
+        .wait_with_output()
+        .map_err(|e| OverlayError::Nft(e.to_string()))?;
     if !out.status.success() {
-        return Err(OverlayError::Nft(String::from_utf8_lossy(&out.stderr).into_owned()));
+        return Err(OverlayError::Nft(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     Ok(())
 }

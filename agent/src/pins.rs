@@ -60,7 +60,9 @@ impl Pins {
 
     /// Pin path of the tc link of `hook` (a program on an interface).
     pub fn link(&self, hook: Hook<'_>) -> PathBuf {
-        self.root.join("links").join(format!("{}-{}", hook.program, hook.iface))
+        self.root
+            .join("links")
+            .join(format!("{}-{}", hook.program, hook.iface))
     }
 
     /// Makes sure the root lies on a bpffs (mounting one at /sys/fs/bpf if nothing is mounted
@@ -69,29 +71,44 @@ impl Pins {
         // Agents of several nodes on one machine (the demo, the tests) start together: without
         // the lock each could mount its own bpffs over the others'.
         let lock_path = Path::new("/run/podwire-bpffs.lock");
-        let lock_file = fs::File::create(lock_path)
-            .map_err(|source| PinError::Io { path: lock_path.to_path_buf(), source })?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| PinError::Io {
+        let lock_file = fs::File::create(lock_path).map_err(|source| PinError::Io {
             path: lock_path.to_path_buf(),
-            source: e.into(),
+            source,
         })?;
+        let _lock =
+            Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| PinError::Io {
+                path: lock_path.to_path_buf(),
+                source: e.into(),
+            })?;
         if !Self::on_bpffs(&self.root)? {
             if !self.root.starts_with(BPFFS) {
                 return Err(PinError::NotBpffs(self.root.clone()));
             }
             info!("no bpffs at {BPFFS}: mounting one");
-            nix::mount::mount(Some("bpffs"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>)
-                .map_err(PinError::Mount)?;
+            nix::mount::mount(
+                Some("bpffs"),
+                BPFFS,
+                Some("bpf"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(PinError::Mount)?;
         }
         for dir in [self.root.join("maps"), self.root.join("links")] {
-            fs::create_dir_all(&dir).map_err(|source| PinError::Io { path: dir.clone(), source })?;
+            fs::create_dir_all(&dir).map_err(|source| PinError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
 
     /// Whether the nearest existing ancestor of `path` is on a bpffs.
     fn on_bpffs(path: &Path) -> Result<bool, PinError> {
-        let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        let existing = path
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
         let fs = statfs::statfs(existing).map_err(|e| PinError::Io {
             path: existing.to_path_buf(),
             source: e.into(),

@@ -34,7 +34,11 @@ pub enum StateError {
     },
     /// The node's pod CIDR changed while pods still hold addresses from the old one.
     #[error("{path} holds addresses from pod CIDR {stored}, but this node's pod CIDR is {configured}; drain the node's pods (or remove the file once none are left)")]
-    CidrChanged { path: PathBuf, stored: Ipv4Net, configured: Ipv4Net },
+    CidrChanged {
+        path: PathBuf,
+        stored: Ipv4Net,
+        configured: Ipv4Net,
+    },
     /// The pod CIDR is too small to leave any address for pods.
     #[error("pod CIDR {0} has no addresses for pods (it needs at least a /30)")]
     CidrTooSmall(Ipv4Net),
@@ -87,21 +91,43 @@ impl State {
             return Err(StateError::CidrTooSmall(pod_cidr));
         }
         let path = dir.join("state.json");
-        let io_err = |source| StateError::Io { path: path.clone(), source };
+        let io_err = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
         let stored = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<Stored>(&bytes)
-                .map_err(|source| StateError::Corrupt { path: path.clone(), source })?,
+            Ok(bytes) => {
+                serde_json::from_slice::<Stored>(&bytes).map_err(|source| StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir_all(dir).map_err(io_err)?;
-                Stored { pod_cidr, last: None, endpoints: BTreeMap::new() }
+                Stored {
+                    pod_cidr,
+                    last: None,
+                    endpoints: BTreeMap::new(),
+                }
             }
             Err(e) => return Err(io_err(e)),
         };
         if stored.pod_cidr != pod_cidr {
             if !stored.endpoints.is_empty() {
-                return Err(StateError::CidrChanged { path, stored: stored.pod_cidr, configured: pod_cidr });
+                return Err(StateError::CidrChanged {
+                    path,
+                    stored: stored.pod_cidr,
+                    configured: pod_cidr,
+                });
             }
-            let state = State { path, stored: Stored { pod_cidr, last: None, endpoints: BTreeMap::new() } };
+            let state = State {
+                path,
+                stored: Stored {
+                    pod_cidr,
+                    last: None,
+                    endpoints: BTreeMap::new(),
+                },
+            };
             state.save()?;
             return Ok(state);
         }
@@ -124,7 +150,11 @@ impl State {
 
     /// The address of `attachment`: the one it already holds, or a newly allocated one (saved
     /// before returning).
-    pub fn allocate(&mut self, attachment: &Attachment, netns: &str) -> Result<Ipv4Addr, StateError> {
+    pub fn allocate(
+        &mut self,
+        attachment: &Attachment,
+        netns: &str,
+    ) -> Result<Ipv4Addr, StateError> {
         if let Some(existing) = self.get(attachment) {
             return Ok(existing.ip);
         }
@@ -145,7 +175,11 @@ impl State {
     }
 
     /// Records the wiring of an allocated endpoint (saved before returning).
-    pub fn set_wiring(&mut self, attachment: &Attachment, wiring: Wiring) -> Result<(), StateError> {
+    pub fn set_wiring(
+        &mut self,
+        attachment: &Attachment,
+        wiring: Wiring,
+    ) -> Result<(), StateError> {
         if let Some(record) = self.stored.endpoints.get_mut(&attachment.key()) {
             record.wiring = Some(wiring);
             self.save()?;
@@ -154,7 +188,10 @@ impl State {
     }
 
     /// Forgets `attachment`, freeing its address (saved before returning).
-    pub fn release(&mut self, attachment: &Attachment) -> Result<Option<EndpointRecord>, StateError> {
+    pub fn release(
+        &mut self,
+        attachment: &Attachment,
+    ) -> Result<Option<EndpointRecord>, StateError> {
         let removed = self.stored.endpoints.remove(&attachment.key());
         if removed.is_some() {
             self.save()?;
@@ -181,11 +218,16 @@ impl State {
     }
 
     fn save(&self) -> Result<(), StateError> {
-        let io_err = |source| StateError::Io { path: self.path.clone(), source };
+        let io_err = |source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let tmp = self.path.with_extension("json.tmp");
         let json = serde_json::to_vec_pretty(&self.stored).expect("state serialises");
         let mut file = fs::File::create(&tmp).map_err(io_err)?;
-        file.write_all(&json).and_then(|()| file.sync_all()).map_err(io_err)?;
+        file.write_all(&json)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err)?;
         fs::rename(&tmp, &self.path).map_err(io_err)
     }
 }
@@ -195,7 +237,10 @@ mod tests {
     use super::*;
 
     fn att(id: &str) -> Attachment {
-        Attachment { container_id: id.into(), ifname: "eth0".into() }
+        Attachment {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        }
     }
 
     #[test]
@@ -203,20 +248,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cidr: Ipv4Net = "10.244.1.0/29".parse().unwrap();
         let mut state = State::open(dir.path(), cidr).unwrap();
-        assert_eq!(state.allocate(&att("a"), "/ns/a").unwrap(), Ipv4Addr::new(10, 244, 1, 2));
-        assert_eq!(state.allocate(&att("b"), "/ns/b").unwrap(), Ipv4Addr::new(10, 244, 1, 3));
+        assert_eq!(
+            state.allocate(&att("a"), "/ns/a").unwrap(),
+            Ipv4Addr::new(10, 244, 1, 2)
+        );
+        assert_eq!(
+            state.allocate(&att("b"), "/ns/b").unwrap(),
+            Ipv4Addr::new(10, 244, 1, 3)
+        );
         // Asking again for the same attachment returns its address, not a new one.
-        assert_eq!(state.allocate(&att("a"), "/ns/a").unwrap(), Ipv4Addr::new(10, 244, 1, 2));
+        assert_eq!(
+            state.allocate(&att("a"), "/ns/a").unwrap(),
+            Ipv4Addr::new(10, 244, 1, 2)
+        );
         drop(state);
 
         let mut state = State::open(dir.path(), cidr).unwrap();
-        assert_eq!(state.allocate(&att("c"), "/ns/c").unwrap(), Ipv4Addr::new(10, 244, 1, 4));
+        assert_eq!(
+            state.allocate(&att("c"), "/ns/c").unwrap(),
+            Ipv4Addr::new(10, 244, 1, 4)
+        );
         // A released address is reused only after the rest of the range.
         state.release(&att("a")).unwrap();
-        assert_eq!(state.allocate(&att("d"), "/ns/d").unwrap(), Ipv4Addr::new(10, 244, 1, 5));
-        assert_eq!(state.allocate(&att("e"), "/ns/e").unwrap(), Ipv4Addr::new(10, 244, 1, 6));
-        assert_eq!(state.allocate(&att("f"), "/ns/f").unwrap(), Ipv4Addr::new(10, 244, 1, 2));
-        assert!(matches!(state.allocate(&att("g"), "/ns/g"), Err(StateError::Exhausted(_))));
+        assert_eq!(
+            state.allocate(&att("d"), "/ns/d").unwrap(),
+            Ipv4Addr::new(10, 244, 1, 5)
+        );
+        assert_eq!(
+            state.allocate(&att("e"), "/ns/e").unwrap(),
+            Ipv4Addr::new(10, 244, 1, 6)
+        );
+        assert_eq!(
+            state.allocate(&att("f"), "/ns/f").unwrap(),
+            Ipv4Addr::new(10, 244, 1, 2)
+        );
+        assert!(matches!(
+            state.allocate(&att("g"), "/ns/g"),
+            Err(StateError::Exhausted(_))
+        ));
     }
 
     #[test]
@@ -226,6 +295,9 @@ mod tests {
         state.allocate(&att("a"), "/ns/a").unwrap();
         let err = State::open(dir.path(), "10.244.2.0/24".parse().unwrap()).unwrap_err();
         assert!(err.to_string().contains("10.244.1.0/24"), "{err}");
-        assert!(matches!(State::open(dir.path(), "10.244.1.0/31".parse().unwrap()), Err(StateError::CidrTooSmall(_))));
+        assert!(matches!(
+            State::open(dir.path(), "10.244.1.0/31".parse().unwrap()),
+            Err(StateError::CidrTooSmall(_))
+        ));
     }
 }

@@ -20,7 +20,12 @@ impl Row for CounterRow {
     const HEADER: &'static [&'static str] = &["REASON", "VERDICT", "PACKETS", "BYTES"];
 
     fn cells(&self) -> Vec<String> {
-        vec![self.reason.into(), self.verdict.into(), self.packets.to_string(), self.bytes.to_string()]
+        vec![
+            self.reason.into(),
+            self.verdict.into(),
+            self.packets.to_string(),
+            self.bytes.to_string(),
+        ]
     }
 }
 
@@ -36,14 +41,25 @@ pub fn read(pins: &Pins, nonzero: bool) -> Result<Vec<CounterRow>> {
     let map: PerCpuArray<MapData, Counter> = crate::maps::open(pins, COUNTERS)?;
     let mut rows = Vec::new();
     for reason in Reason::ALL {
-        let per_cpu = map
-            .get(&(reason as u32), 0)
-            .with_context(|| format!("reading {} of {}", reason.name(), pins.map(COUNTERS).display()))?;
-        let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        let per_cpu = map.get(&(reason as u32), 0).with_context(|| {
+            format!(
+                "reading {} of {}",
+                reason.name(),
+                pins.map(COUNTERS).display()
+            )
+        })?;
+        let (packets, bytes) = per_cpu
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         if nonzero && packets == 0 {
             continue;
         }
-        rows.push(CounterRow { reason: reason.name(), verdict: verdict(reason), packets, bytes });
+        rows.push(CounterRow {
+            reason: reason.name(),
+            verdict: verdict(reason),
+            packets,
+            bytes,
+        });
     }
     Ok(rows)
 }

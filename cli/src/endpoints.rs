@@ -38,7 +38,8 @@ pub fn read(pins: &Pins) -> Result<Vec<EndpointRow>> {
     let mut rows = map
         .iter()
         .map(|entry| {
-            let (key, ep) = entry.with_context(|| format!("reading {}", pins.map(ENDPOINTS).display()))?;
+            let (key, ep) =
+                entry.with_context(|| format!("reading {}", pins.map(ENDPOINTS).display()))?;
             Ok(EndpointRow {
                 ip: Ipv4Addr::from(key),
                 ifindex: ep.ifindex,

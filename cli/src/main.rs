@@ -55,9 +55,16 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Endpoints => output::print(cli.output, &endpoints::read(&pins)?),
         Command::Nodes => output::print(cli.output, &nodes::read(&pins)?),
-        Command::Counters { nonzero } => output::print(cli.output, &counters::read(&pins, nonzero)?),
+        Command::Counters { nonzero } => {
+            output::print(cli.output, &counters::read(&pins, nonzero)?)
+        }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "podwire", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "podwire",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
     }

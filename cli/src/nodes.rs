@@ -37,11 +37,15 @@ pub fn read(pins: &Pins) -> Result<Vec<NodeRow>> {
             f if f & node_flags::LOCAL != 0 => ("local", Some(Ipv4Addr::from(node.addr))),
             _ => ("remote", Some(Ipv4Addr::from(node.addr))),
         };
-        rows.push((key.prefix_len(), Ipv4Addr::from(key.data()), NodeRow {
-            prefix: format!("{}/{}", Ipv4Addr::from(key.data()), key.prefix_len()),
-            kind,
-            node: owner,
-        }));
+        rows.push((
+            key.prefix_len(),
+            Ipv4Addr::from(key.data()),
+            NodeRow {
+                prefix: format!("{}/{}", Ipv4Addr::from(key.data()), key.prefix_len()),
+                kind,
+                node: owner,
+            },
+        ));
     }
     rows.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     Ok(rows.into_iter().map(|(_, _, row)| row).collect())

@@ -47,19 +47,31 @@ impl NetConf {
             cni_version: Option<String>,
         }
         let versioned: Versioned = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(code::DECODE_FAILURE, format!("network configuration is not valid JSON: {e}"))
+            CniError::new(
+                code::DECODE_FAILURE,
+                format!("network configuration is not valid JSON: {e}"),
+            )
         })?;
         let v = versioned.cni_version.ok_or_else(|| {
-            CniError::new(code::INVALID_CONFIG, "network configuration has no cniVersion")
+            CniError::new(
+                code::INVALID_CONFIG,
+                "network configuration has no cniVersion",
+            )
         })?;
         if !version::SUPPORTED.contains(&v.as_str()) {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
-                format!("cniVersion {v:?} is not supported; podwire supports {}", version::SUPPORTED.join(", ")),
+                format!(
+                    "cniVersion {v:?} is not supported; podwire supports {}",
+                    version::SUPPORTED.join(", ")
+                ),
             ));
         }
         let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(code::INVALID_CONFIG, format!("invalid network configuration: {e}"))
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("invalid network configuration: {e}"),
+            )
         })?;
         if conf.ipam.is_some() {
             return Err(CniError::new(
@@ -69,14 +81,19 @@ impl NetConf {
         }
         if let Some(mtu) = conf.mtu {
             if !(576..=65535).contains(&mtu) {
-                return Err(CniError::new(code::INVALID_CONFIG, format!("mtu {mtu} is outside 576..=65535")));
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("mtu {mtu} is outside 576..=65535"),
+                ));
             }
         }
         Ok(conf)
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.agent_socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+        self.agent_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
     }
 
     /// An error of this configuration's version.
@@ -90,29 +107,42 @@ impl NetConf {
 pub fn required(name: &str, command: &str) -> Result<String, CniError> {
     match env::var(name) {
         Ok(v) if !v.is_empty() => Ok(v),
-        _ => Err(CniError::new(code::INVALID_ENV, format!("{name} is required for {command}"))),
+        _ => Err(CniError::new(
+            code::INVALID_ENV,
+            format!("{name} is required for {command}"),
+        )),
     }
 }
 
 /// The attachment named by CNI_CONTAINERID and CNI_IFNAME, validated as the spec asks.
 pub fn attachment(command: &str) -> Result<Attachment, CniError> {
     let container_id = required("CNI_CONTAINERID", command)?;
-    if !container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+    if !container_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
         return Err(CniError::new(
             code::INVALID_ENV,
-            format!("CNI_CONTAINERID {container_id:?} may hold only letters, digits, '_', '.' and '-'"),
+            format!(
+                "CNI_CONTAINERID {container_id:?} may hold only letters, digits, '_', '.' and '-'"
+            ),
         ));
     }
     let ifname = required("CNI_IFNAME", command)?;
     let bad_ifname = ifname.len() > 15
         || ifname == "."
         || ifname == ".."
-        || ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        || ifname
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
     if bad_ifname {
         return Err(CniError::new(
             code::INVALID_ENV,
             format!("CNI_IFNAME {ifname:?} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)"),
         ));
     }
-    Ok(Attachment { container_id, ifname })
+    Ok(Attachment {
+        container_id,
+        ifname,
+    })
 }

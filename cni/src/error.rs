@@ -32,7 +32,12 @@ pub struct CniError {
 
 impl CniError {
     pub fn new(code: u32, msg: impl Into<String>) -> CniError {
-        CniError { cni_version: crate::version::LATEST.into(), code, msg: msg.into(), details: String::new() }
+        CniError {
+            cni_version: crate::version::LATEST.into(),
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
     }
 }
 

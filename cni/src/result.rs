@@ -105,11 +105,29 @@ mod tests {
         CniResult {
             cni_version: "1.1.0".into(),
             interfaces: vec![
-                Interface { name: "pwabc".into(), mac: "aa:aa:aa:aa:aa:aa".into(), mtu: Some(1450), sandbox: None },
-                Interface { name: "eth0".into(), mac: "bb:bb:bb:bb:bb:bb".into(), mtu: Some(1450), sandbox: Some("/run/netns/p".into()) },
+                Interface {
+                    name: "pwabc".into(),
+                    mac: "aa:aa:aa:aa:aa:aa".into(),
+                    mtu: Some(1450),
+                    sandbox: None,
+                },
+                Interface {
+                    name: "eth0".into(),
+                    mac: "bb:bb:bb:bb:bb:bb".into(),
+                    mtu: Some(1450),
+                    sandbox: Some("/run/netns/p".into()),
+                },
             ],
-            ips: vec![IpConfig { version: None, address: "10.244.1.5/32".into(), gateway: Some("169.254.1.1".into()), interface: Some(1) }],
-            routes: vec![Route { dst: "0.0.0.0/0".into(), gw: Some("169.254.1.1".into()) }],
+            ips: vec![IpConfig {
+                version: None,
+                address: "10.244.1.5/32".into(),
+                gateway: Some("169.254.1.1".into()),
+                interface: Some(1),
+            }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some("169.254.1.1".into()),
+            }],
             dns: Dns::default(),
         }
     }
@@ -123,7 +141,11 @@ mod tests {
         .unwrap();
         let merged = prev.merge(ours());
         assert_eq!(merged.interfaces.len(), 3);
-        assert_eq!(merged.ips[1].interface, Some(2), "our IP points at our eth0");
+        assert_eq!(
+            merged.ips[1].interface,
+            Some(2),
+            "our IP points at our eth0"
+        );
         assert_eq!(merged.dns.nameservers, ["10.96.0.10"]);
     }
 

@@ -10,7 +10,11 @@ pub const SUPPORTED: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 /// Parsed `major.minor.patch`, for comparisons.
 pub fn parse(v: &str) -> Option<(u32, u32, u32)> {
     let mut parts = v.split('.').map(str::parse::<u32>);
-    let triple = (parts.next()?.ok()?, parts.next()?.ok()?, parts.next()?.ok()?);
+    let triple = (
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+    );
     parts.next().is_none().then_some(triple)
 }
 

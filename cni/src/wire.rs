@@ -74,9 +74,15 @@ impl Netlink {
     }
 
     fn connect_in(ns: &File, path: &str) -> Result<Handle, CniError> {
-        let enter_err = |e: nix::Error| CniError::new(code::INVALID_ENV, format!("entering CNI_NETNS {path}: {e}"));
-        let here = File::open("/proc/thread-self/ns/net")
-            .map_err(|e| CniError::new(code::IO_FAILURE, format!("opening this thread's netns: {e}")))?;
+        let enter_err = |e: nix::Error| {
+            CniError::new(code::INVALID_ENV, format!("entering CNI_NETNS {path}: {e}"))
+        };
+        let here = File::open("/proc/thread-self/ns/net").map_err(|e| {
+            CniError::new(
+                code::IO_FAILURE,
+                format!("opening this thread's netns: {e}"),
+            )
+        })?;
         setns(ns, CloneFlags::CLONE_NEWNET).map_err(enter_err)?;
         let handle = connect();
         // Back to the node's namespace whatever happened; nothing else may run in the pod's.
@@ -90,7 +96,13 @@ impl Netlink {
 
     /// Creates the veth pair, its peer already inside the pod's netns as `ifname`, addresses and
     /// routes both sides; returns (host MAC, pod MAC).
-    pub async fn create(&self, host_ifname: &str, ifname: &str, ip: Ipv4Addr, mtu: u32) -> Result<(Mac, Mac), CniError> {
+    pub async fn create(
+        &self,
+        host_ifname: &str,
+        ifname: &str,
+        ip: Ipv4Addr,
+        mtu: u32,
+    ) -> Result<(Mac, Mac), CniError> {
         let (_, ns) = self.pod.as_ref().expect("opened with a netns");
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(ifname)
@@ -102,10 +114,18 @@ impl Netlink {
             .mtu(mtu)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
-        self.host.link().add(veth).execute().await.map_err(io_err(format!("creating veth {host_ifname}")))?;
+        self.host
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(io_err(format!("creating veth {host_ifname}")))?;
 
         let host_link = link(&self.host, host_ifname).await?.ok_or_else(|| {
-            CniError::new(code::IO_FAILURE, format!("veth {host_ifname} vanished after creation"))
+            CniError::new(
+                code::IO_FAILURE,
+                format!("veth {host_ifname} vanished after creation"),
+            )
         })?;
         let host_index = host_link.header.index;
         let host_mac = mac_of(&host_link)?;
@@ -120,11 +140,19 @@ impl Netlink {
             .output_interface(host_index)
             .scope(RouteScope::Link)
             .build();
-        self.host.route().add(to_pod).execute().await.map_err(io_err(format!("route to {ip} via {host_ifname}")))?;
+        self.host
+            .route()
+            .add(to_pod)
+            .execute()
+            .await
+            .map_err(io_err(format!("route to {ip} via {host_ifname}")))?;
 
         let pod = self.pod();
         let pod_link = link(pod, ifname).await?.ok_or_else(|| {
-            CniError::new(code::IO_FAILURE, format!("{ifname} did not appear in the pod's netns"))
+            CniError::new(
+                code::IO_FAILURE,
+                format!("{ifname} did not appear in the pod's netns"),
+            )
         })?;
         let index = pod_link.header.index;
         let pod_mac = mac_of(&pod_link)?;
@@ -133,7 +161,11 @@ impl Netlink {
             .execute()
             .await
             .map_err(io_err(format!("adding {ip}/32 to {ifname}")))?;
-        pod.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(io_err(format!("setting {ifname} up")))?;
+        pod.link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(io_err(format!("setting {ifname} up")))?;
         pod.neighbours()
             .add(index, IpAddr::V4(GATEWAY))
             .link_layer_address(&host_mac.0)
@@ -146,9 +178,20 @@ impl Netlink {
             .output_interface(index)
             .scope(RouteScope::Link)
             .build();
-        pod.route().add(to_gateway).execute().await.map_err(io_err(format!("route to gateway {GATEWAY}")))?;
-        let default = RouteMessageBuilder::<Ipv4Addr>::new().gateway(GATEWAY).output_interface(index).build();
-        pod.route().add(default).execute().await.map_err(io_err(format!("default route via {GATEWAY}")))?;
+        pod.route()
+            .add(to_gateway)
+            .execute()
+            .await
+            .map_err(io_err(format!("route to gateway {GATEWAY}")))?;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(GATEWAY)
+            .output_interface(index)
+            .build();
+        pod.route()
+            .add(default)
+            .execute()
+            .await
+            .map_err(io_err(format!("default route via {GATEWAY}")))?;
         Ok((host_mac, pod_mac))
     }
 
@@ -170,10 +213,17 @@ impl Netlink {
 
     /// Verifies the pod side is as ADD left it: `ifname` up with `ip`/32, the gateway's permanent
     /// neighbour entry with `host_mac`, and the default route via the gateway.
-    pub async fn check_pod(&self, ifname: &str, ip: Ipv4Addr, host_mac: Mac) -> Result<(), CniError> {
+    pub async fn check_pod(
+        &self,
+        ifname: &str,
+        ip: Ipv4Addr,
+        host_mac: Mac,
+    ) -> Result<(), CniError> {
         let failed = |msg: String| CniError::new(code::CHECK_FAILED, msg);
         let pod = self.pod();
-        let found = link(pod, ifname).await?.ok_or_else(|| failed(format!("{ifname} is missing from the pod's netns")))?;
+        let found = link(pod, ifname)
+            .await?
+            .ok_or_else(|| failed(format!("{ifname} is missing from the pod's netns")))?;
         let index = found.header.index;
         if !found.header.flags.contains(LinkFlags::Up) {
             return Err(failed(format!("{ifname} is down")));
@@ -187,7 +237,9 @@ impl Netlink {
             .await
             .map_err(io_err(format!("listing addresses of {ifname}")))?;
         let has_ip = addresses.iter().any(|a| {
-            a.header.prefix_len == 32 && a.attributes.contains(&AddressAttribute::Address(IpAddr::V4(ip)))
+            a.header.prefix_len == 32
+                && a.attributes
+                    .contains(&AddressAttribute::Address(IpAddr::V4(ip)))
         });
         if !has_ip {
             return Err(failed(format!("{ifname} does not hold {ip}/32")));
@@ -202,11 +254,17 @@ impl Netlink {
         let gateway_ok = neighbours.iter().any(|n| {
             n.header.ifindex == index
                 && n.header.state == NeighbourState::Permanent
-                && n.attributes.contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(GATEWAY)))
-                && n.attributes.contains(&NeighbourAttribute::LinkLayerAddress(host_mac.0.to_vec()))
+                && n.attributes
+                    .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                        GATEWAY,
+                    )))
+                && n.attributes
+                    .contains(&NeighbourAttribute::LinkLayerAddress(host_mac.0.to_vec()))
         });
         if !gateway_ok {
-            return Err(failed(format!("no permanent neighbour entry {GATEWAY} -> {host_mac} on {ifname}")));
+            return Err(failed(format!(
+                "no permanent neighbour entry {GATEWAY} -> {host_mac} on {ifname}"
+            )));
         }
         let routes: Vec<_> = pod
             .route()
@@ -217,11 +275,14 @@ impl Netlink {
             .map_err(io_err("listing routes"))?;
         let default_ok = routes.iter().any(|r| {
             r.header.destination_prefix_length == 0
-                && r.attributes.contains(&RouteAttribute::Gateway(RouteAddress::Inet(GATEWAY)))
+                && r.attributes
+                    .contains(&RouteAttribute::Gateway(RouteAddress::Inet(GATEWAY)))
                 && r.attributes.contains(&RouteAttribute::Oif(index))
         });
         if !default_ok {
-            return Err(failed(format!("no default route via {GATEWAY} dev {ifname}")));
+            return Err(failed(format!(
+                "no default route via {GATEWAY} dev {ifname}"
+            )));
         }
         Ok(())
     }
@@ -229,7 +290,14 @@ impl Netlink {
 
 /// The link named `name`, if it exists.
 async fn link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
-    match handle.link().get().match_name(name.to_owned()).execute().try_next().await {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(found) => Ok(found),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
         Err(e) => Err(io_err(format!("looking up {name}"))(e)),
@@ -243,5 +311,10 @@ fn mac_of(link: &LinkMessage) -> Result<Mac, CniError> {
             LinkAttribute::Address(bytes) => Mac::try_from(bytes.as_slice()).ok(),
             _ => None,
         })
-        .ok_or_else(|| CniError::new(code::IO_FAILURE, format!("link {} has no MAC address", link.header.index)))
+        .ok_or_else(|| {
+            CniError::new(
+                code::IO_FAILURE,
+                format!("link {} has no MAC address", link.header.index),
+            )
+        })
 }

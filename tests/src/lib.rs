@@ -23,7 +23,9 @@ pub fn require_root() {
 
 /// Runs `cmd`, panicking with its stderr unless it succeeds.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}",
@@ -86,7 +88,8 @@ impl NetNs {
         thread::scope(|s| {
             s.spawn(|| {
                 let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                setns(ns, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("entering {path}: {e}"));
+                setns(ns, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("entering {path}: {e}"));
                 f()
             })
             .join()
@@ -105,12 +108,17 @@ impl NetNs {
             .split(':')
             .map(|octet| u8::from_str_radix(octet, 16).expect("hex octet"))
             .collect();
-        (link["ifindex"].as_u64().expect("ifindex") as u32, mac.try_into().expect("6 octets"))
+        (
+            link["ifindex"].as_u64().expect("ifindex") as u32,
+            mac.try_into().expect("6 octets"),
+        )
     }
 
     /// Sets an IPv4 sysctl such as `ip_forward` in this namespace.
     pub fn sysctl_ipv4(&self, key: &str, value: &str) {
-        run(self.command("sysctl").args(["-qw", &format!("net.ipv4.{key}={value}")]));
+        run(self
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv4.{key}={value}")]));
     }
 }
 
@@ -120,7 +128,9 @@ fn sweep_stale_namespaces() {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
         // pwt-<role>-<pid>-<n>
-        let pid = name.strip_prefix("pwt-").and_then(|rest| rest.rsplit('-').nth(1));
+        let pid = name
+            .strip_prefix("pwt-")
+            .and_then(|rest| rest.rsplit('-').nth(1));
         if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
@@ -132,7 +142,9 @@ fn sweep_stale_namespaces() {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace destroys its veths (and so their peers) and tc attachments.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -153,12 +165,32 @@ impl NodeAndPod {
         let node = NetNs::new("node");
         let pod = NetNs::new("pod");
         node.ip(&[
-            "link", "add", Self::HOST_IF, "type", "veth", "peer", "name", Self::POD_IF, "netns",
+            "link",
+            "add",
+            Self::HOST_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::POD_IF,
+            "netns",
             pod.name(),
         ]);
-        node.ip(&["addr", "add", &format!("{}/24", Self::NODE_IP), "dev", Self::HOST_IF]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::NODE_IP),
+            "dev",
+            Self::HOST_IF,
+        ]);
         node.ip(&["link", "set", Self::HOST_IF, "up"]);
-        pod.ip(&["addr", "add", &format!("{}/24", Self::POD_IP), "dev", Self::POD_IF]);
+        pod.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::POD_IP),
+            "dev",
+            Self::POD_IF,
+        ]);
         pod.ip(&["link", "set", Self::POD_IF, "up"]);
         NodeAndPod { node, pod }
     }
@@ -253,13 +285,20 @@ impl Daemon {
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
         thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if tx.send(line).is_err() {
                     break;
                 }
             }
         });
-        Daemon { child, lines, seen: Vec::new() }
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -289,7 +328,10 @@ impl Daemon {
 
     /// Sends `signal` and waits for the process to exit, returning its status and the rest of
     /// its stderr.
-    pub fn stop(mut self, signal: nix::sys::signal::Signal) -> (std::process::ExitStatus, Vec<String>) {
+    pub fn stop(
+        mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> (std::process::ExitStatus, Vec<String>) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, signal).expect("signalling the daemon");
         let status = self.child.wait().expect("waiting for the daemon");
@@ -348,10 +390,16 @@ impl CniOutput {
 
     /// Asserts the invocation failed with the spec's error object carrying `code`; returns `msg`.
     pub fn expect_error(&self, code: u64) -> String {
-        assert!(!self.success, "expected CNI error {code}, got success: {self:?}");
+        assert!(
+            !self.success,
+            "expected CNI error {code}, got success: {self:?}"
+        );
         let json = self.json();
         assert_eq!(json["code"], code, "error code: {json}");
-        assert!(json["cniVersion"].is_string(), "error carries cniVersion: {json}");
+        assert!(
+            json["cniVersion"].is_string(),
+            "error carries cniVersion: {json}"
+        );
         json["msg"].as_str().expect("msg").to_owned()
     }
 }
@@ -401,7 +449,8 @@ impl Node {
     /// namespace, as `ip netns exec` would do): bpffs pins stay visible, as on a real node.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.ns.name())).arg(program);
+        cmd.arg(format!("--net=/run/netns/{}", self.ns.name()))
+            .arg(program);
         cmd
     }
 
@@ -451,7 +500,12 @@ impl Node {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("exec podwire-cni");
-        child.stdin.take().unwrap().write_all(stdin).expect("writing the configuration");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin)
+            .expect("writing the configuration");
         let out = child.wait_with_output().expect("waiting for podwire-cni");
         CniOutput {
             success: out.status.success(),
@@ -482,26 +536,42 @@ impl Node {
 
     /// The node's pinned endpoint map, as the datapath sees it (read while the agent may be down).
     pub fn endpoints(&self) -> Vec<(Ipv4Addr, podwire_common::Endpoint)> {
-        let path = self.pins.join("maps").join(podwire_agent::datapath::maps::ENDPOINTS);
-        let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let path = self
+            .pins
+            .join("maps")
+            .join(podwire_agent::datapath::maps::ENDPOINTS);
+        let data = aya::maps::MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let map: aya::maps::HashMap<_, [u8; 4], podwire_common::Endpoint> =
             aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("endpoint map");
-        let mut all: Vec<_> = map.iter().map(|e| e.map(|(k, v)| (Ipv4Addr::from(k), v)).expect("entry")).collect();
+        let mut all: Vec<_> = map
+            .iter()
+            .map(|e| e.map(|(k, v)| (Ipv4Addr::from(k), v)).expect("entry"))
+            .collect();
         all.sort_by_key(|(ip, _)| *ip);
         all
     }
 
     /// The node's pinned counters, summed over CPUs.
     pub fn counter(&self, reason: podwire_common::Reason) -> podwire_common::Counter {
-        let path = self.pins.join("maps").join(podwire_agent::datapath::maps::COUNTERS);
-        let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let path = self
+            .pins
+            .join("maps")
+            .join(podwire_agent::datapath::maps::COUNTERS);
+        let data = aya::maps::MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let map: aya::maps::PerCpuArray<_, podwire_common::Counter> =
-            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("counter map");
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+                .expect("counter map");
         let per_cpu = map.get(&(reason as u32), 0).expect("counter");
-        per_cpu.iter().fold(podwire_common::Counter::default(), |sum, c| podwire_common::Counter {
-            packets: sum.packets + c.packets,
-            bytes: sum.bytes + c.bytes,
-        })
+        per_cpu
+            .iter()
+            .fold(podwire_common::Counter::default(), |sum, c| {
+                podwire_common::Counter {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                }
+            })
     }
 
     /// Names of the host-side veths the plugin made in this node.
@@ -536,8 +606,15 @@ impl Drop for Node {
 
 /// The pod's address from an ADD result.
 pub fn pod_ip(result: &serde_json::Value) -> Ipv4Addr {
-    let address = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no IP in {result}"));
-    address.split('/').next().unwrap().parse().expect("IPv4 address")
+    let address = result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no IP in {result}"));
+    address
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("IPv4 address")
 }
 
 /// `ping -c 1` from `from`'s namespace; whether a reply came.
@@ -555,7 +632,9 @@ pub fn ping(from: &NetNs, to: Ipv4Addr) -> bool {
 pub fn tcp_echo(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, len: usize) {
     use std::io::{Read as _, Write as _};
     let timeout = Some(std::time::Duration::from_secs(20));
-    let listener = server.run(|| std::net::TcpListener::bind((server_ip, 0))).expect("listen");
+    let listener = server
+        .run(|| std::net::TcpListener::bind((server_ip, 0)))
+        .expect("listen");
     let addr = listener.local_addr().unwrap();
     let echo = thread::spawn(move || {
         let (mut conn, _) = listener.accept().expect("accept");
@@ -571,8 +650,13 @@ pub fn tcp_echo(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, len: usize)
     let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
     conn.write_all(&data).expect("client write");
     let mut back = vec![0u8; len];
-    conn.read_exact(&mut back).unwrap_or_else(|e| panic!("echo {} -> {addr}: {e}", client.name()));
-    assert!(back == data, "bytes from {} to {addr} and back arrive intact", client.name());
+    conn.read_exact(&mut back)
+        .unwrap_or_else(|e| panic!("echo {} -> {addr}: {e}", client.name()));
+    assert!(
+        back == data,
+        "bytes from {} to {addr} and back arrive intact",
+        client.name()
+    );
     echo.join().expect("echo server");
 }
 
@@ -580,7 +664,13 @@ pub fn tcp_echo(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, len: usize)
 pub fn cnitool() -> PathBuf {
     let path = std::env::var_os("PODWIRE_CNITOOL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/cnitool"));
-    assert!(path.exists(), "{} not found: run the tests with `cargo xtask test`, which builds it", path.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/cnitool")
+        });
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with `cargo xtask test`, which builds it",
+        path.display()
+    );
     path
 }

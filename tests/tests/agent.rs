@@ -19,7 +19,8 @@ fn tcx_ingress(iface: &str) -> Vec<String> {
 
 fn agent_in(net: &NodeAndPod) -> Daemon {
     let mut cmd = net.node.command(bin("podwire-agent"));
-    cmd.args(["--iface", NodeAndPod::HOST_IF]).env("PODWIRE_LOG", "info,podwire=debug");
+    cmd.args(["--iface", NodeAndPod::HOST_IF])
+        .env("PODWIRE_LOG", "info,podwire=debug");
     Daemon::spawn(cmd)
 }
 
@@ -27,11 +28,17 @@ fn attach_log_and_detach_on(signal: Signal) {
     let net = NodeAndPod::new();
     let mut agent = agent_in(&net);
     agent.wait_for_line("attached from_pod to tc ingress");
-    assert_eq!(net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF)), ["from_pod"]);
+    assert_eq!(
+        net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF)),
+        ["from_pod"]
+    );
 
     // No pod is registered in developer mode, so from_pod drops the veth's traffic as spoofed:
     // its own log records, streamed through aya-log, say so for each packet.
-    let sender = net.pod.run(|| UdpSocket::bind((NodeAndPod::POD_IP, 0))).unwrap();
+    let sender = net
+        .pod
+        .run(|| UdpSocket::bind((NodeAndPod::POD_IP, 0)))
+        .unwrap();
     for _ in 0..3 {
         sender.send_to(b"ping", (NodeAndPod::NODE_IP, 9)).unwrap();
     }
@@ -40,7 +47,11 @@ fn attach_log_and_detach_on(signal: Signal) {
     }
 
     let (status, rest) = agent.stop(signal);
-    assert!(status.success(), "agent exit after {signal}: {status}; stderr:\n{}", rest.join("\n"));
+    assert!(
+        status.success(),
+        "agent exit after {signal}: {status}; stderr:\n{}",
+        rest.join("\n")
+    );
     let all = rest.join("\n");
     assert!(
         all.contains(r#"reason="drop-spoofed-ip" packets=3 bytes=138"#),
@@ -71,7 +82,10 @@ fn agent_names_a_missing_interface_and_attaches_nothing() {
     let (status, lines) = Daemon::spawn(cmd).wait();
     let all = lines.join("\n");
     assert!(!status.success(), "agent must fail: {all}");
-    assert!(all.contains("attaching to nosuch0"), "error names the interface:\n{all}");
+    assert!(
+        all.contains("attaching to nosuch0"),
+        "error names the interface:\n{all}"
+    );
     assert!(
         net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF)).is_empty(),
         "the interface attached before the error is detached again"

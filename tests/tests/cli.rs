@@ -56,7 +56,9 @@ impl Drop for PinRoot {
 /// exec` would do), so interface names resolve as on the node and the bpffs pins stay visible.
 fn podwire(netns: &NetNs, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", netns.name())).arg(bin("podwire")).args(args);
+    cmd.arg(format!("--net=/run/netns/{}", netns.name()))
+        .arg(bin("podwire"))
+        .args(args);
     cmd
 }
 
@@ -65,13 +67,21 @@ fn stdout(out: &Output) -> String {
 }
 
 fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("output is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "output is not JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// The whitespace-separated cells of the table rows after the header.
 fn table_rows(table: &str) -> Vec<Vec<String>> {
-    table.lines().skip(1).map(|l| l.split_whitespace().map(str::to_owned).collect()).collect()
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect()
 }
 
 #[test]
@@ -79,13 +89,16 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
     require_root();
     // The node's namespace: interface names are resolved in it.
     let node = NetNs::new("node");
-    node.ip(&["link", "add", "pwcli0", "type", "veth", "peer", "name", "pwcli0p"]);
+    node.ip(&[
+        "link", "add", "pwcli0", "type", "veth", "peer", "name", "pwcli0p",
+    ]);
     let (veth_ifindex, _) = node.link("pwcli0");
 
     let root = PinRoot::new();
     let pins = root.pins();
     pins.prepare().expect("preparing the pin root");
-    let mut datapath = Datapath::load(LogLevel::Off, Some(&pins), None).expect("loading the datapath");
+    let mut datapath =
+        Datapath::load(LogLevel::Off, Some(&pins), None).expect("loading the datapath");
 
     // Numeric order differs from string order (.9 < .10 < .100), and the map gets them unsorted.
     let a = Ipv4Addr::new(10, 244, 0, 9);
@@ -108,7 +121,12 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
 
     let to_b = packet::udp_v4(a_ep.pod_mac, a, b, b"hello b");
     let to_b_big = packet::udp_v4(a_ep.pod_mac, a, b, &[7; 300]);
-    let to_node = packet::udp_v4(a_ep.pod_mac, a, Ipv4Addr::new(192, 168, 77, 1), b"to the node");
+    let to_node = packet::udp_v4(
+        a_ep.pod_mac,
+        a,
+        Ipv4Addr::new(192, 168, 77, 1),
+        b"to the node",
+    );
     let spoofed = packet::udp_v4(a_ep.pod_mac, Ipv4Addr::new(10, 244, 0, 99), b, b"x");
     for (frame, verdict) in [
         (&to_b, TC_ACT_REDIRECT),
@@ -119,9 +137,17 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
         let result = datapath
             .classifier(programs::FROM_POD)
             .expect("from_pod")
-            .test_run(TestRunOptions { data_in: Some(frame), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..Default::default()
+            })
             .expect("BPF_PROG_TEST_RUN");
-        assert_eq!(result.return_value, verdict, "from_pod's verdict on a {}-byte frame", frame.len());
+        assert_eq!(
+            result.return_value,
+            verdict,
+            "from_pod's verdict on a {}-byte frame",
+            frame.len()
+        );
     }
     let len = |frame: &Vec<u8>| frame.len() as u64;
     // In Reason::ALL order, as the CLI lists them.
@@ -135,7 +161,10 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
     drop(datapath);
     let bpffs = root.0.to_str().unwrap();
 
-    let endpoints = json(&run(&mut podwire(&node, &["--bpffs", bpffs, "endpoints", "-o", "json"])));
+    let endpoints = json(&run(&mut podwire(
+        &node,
+        &["--bpffs", bpffs, "endpoints", "-o", "json"],
+    )));
     assert_eq!(
         endpoints,
         json!([
@@ -150,45 +179,103 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
 
     let table = stdout(&run(&mut podwire(&node, &["--bpffs", bpffs, "endpoints"])));
     // Header cells hold single spaces; columns are apart by at least two.
-    let header: Vec<&str> =
-        table.lines().next().unwrap_or_default().split("  ").map(str::trim).filter(|h| !h.is_empty()).collect();
-    assert_eq!(header, ["IP", "IFINDEX", "HOST VETH", "POD MAC", "HOST MAC"], "{table}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split("  ")
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        ["IP", "IFINDEX", "HOST VETH", "POD MAC", "HOST MAC"],
+        "{table}"
+    );
     assert_eq!(
         table_rows(&table),
         [
-            ["10.244.0.9", "1", "lo", "0a:58:00:00:00:09", "ee:ee:00:00:00:09"],
-            ["10.244.0.10", &veth_ifindex.to_string(), "pwcli0", "0a:58:00:00:00:10", "ee:ee:00:00:00:10"],
-            ["10.244.0.100", "4000", "-", "0a:58:00:00:00:64", "ee:ee:00:00:00:64"],
+            [
+                "10.244.0.9",
+                "1",
+                "lo",
+                "0a:58:00:00:00:09",
+                "ee:ee:00:00:00:09"
+            ],
+            [
+                "10.244.0.10",
+                &veth_ifindex.to_string(),
+                "pwcli0",
+                "0a:58:00:00:00:10",
+                "ee:ee:00:00:00:10"
+            ],
+            [
+                "10.244.0.100",
+                "4000",
+                "-",
+                "0a:58:00:00:00:64",
+                "ee:ee:00:00:00:64"
+            ],
         ],
         "{table}"
     );
 
     // Every reason, in order: what the packets caused, zero elsewhere; the pin root from the
     // environment this time.
-    let counters = json(&run(podwire(&node, &["counters", "-o", "json"]).env("PODWIRE_BPFFS", bpffs)));
+    let counters = json(&run(
+        podwire(&node, &["counters", "-o", "json"]).env("PODWIRE_BPFFS", bpffs)
+    ));
     let counters = counters.as_array().expect("an array");
-    let names: Vec<&str> = counters.iter().map(|r| r["reason"].as_str().expect("reason")).collect();
+    let names: Vec<&str> = counters
+        .iter()
+        .map(|r| r["reason"].as_str().expect("reason"))
+        .collect();
     assert_eq!(names, Reason::ALL.map(Reason::name));
     for (row, reason) in counters.iter().zip(Reason::ALL) {
-        match caused.as_array().unwrap().iter().find(|c| c["reason"] == reason.name()) {
+        match caused
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["reason"] == reason.name())
+        {
             Some(expected) => assert_eq!(row, expected),
-            None => assert_eq!((&row["packets"], &row["bytes"]), (&json!(0), &json!(0)), "{row}"),
+            None => assert_eq!(
+                (&row["packets"], &row["bytes"]),
+                (&json!(0), &json!(0)),
+                "{row}"
+            ),
         }
         assert_eq!(row["verdict"] == "drop", reason.is_drop(), "{row}");
     }
 
-    let nonzero = json(&run(&mut podwire(&node, &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"])));
+    let nonzero = json(&run(&mut podwire(
+        &node,
+        &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"],
+    )));
     assert_eq!(nonzero, caused);
 
-    let table = stdout(&run(&mut podwire(&node, &["--bpffs", bpffs, "counters", "--nonzero"])));
-    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    let table = stdout(&run(&mut podwire(
+        &node,
+        &["--bpffs", bpffs, "counters", "--nonzero"],
+    )));
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert_eq!(header, ["REASON", "VERDICT", "PACKETS", "BYTES"], "{table}");
     let cell = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
     let expected_rows: Vec<Vec<String>> = caused
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| ["reason", "verdict", "packets", "bytes"].iter().map(|k| cell(&c[k])).collect())
+        .map(|c| {
+            ["reason", "verdict", "packets", "bytes"]
+                .iter()
+                .map(|k| cell(&c[k]))
+                .collect()
+        })
         .collect();
     assert_eq!(table_rows(&table), expected_rows, "{table}");
 }
@@ -200,10 +287,15 @@ fn a_missing_pin_root_is_an_error_naming_the_path() {
     assert!(!root.0.exists());
     let node = NetNs::new("node");
     for (verb, map) in [("endpoints", maps::ENDPOINTS), ("counters", maps::COUNTERS)] {
-        let out = podwire(&node, &["--bpffs", root.0.to_str().unwrap(), verb]).output().expect("podwire");
+        let out = podwire(&node, &["--bpffs", root.0.to_str().unwrap(), verb])
+            .output()
+            .expect("podwire");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{verb}: {stderr}");
-        assert!(out.stdout.is_empty(), "{verb}: nothing on stdout for scripts to misparse");
+        assert!(
+            out.stdout.is_empty(),
+            "{verb}: nothing on stdout for scripts to misparse"
+        );
         let shown = root.0.display();
         let expected = format!(
             "no pinned map at {shown}/maps/{map}: \
@@ -225,21 +317,37 @@ fn a_pinned_map_of_another_layout_is_refused_not_misread() {
     let odd_pins = odd.pins();
     odd_pins.prepare().expect("preparing the pin root");
     let counters = MapData::from_pin(pins.map(maps::COUNTERS)).expect("the pinned counters");
-    counters.pin(odd_pins.map(maps::ENDPOINTS)).expect("pinning it as the endpoint map");
+    counters
+        .pin(odd_pins.map(maps::ENDPOINTS))
+        .expect("pinning it as the endpoint map");
 
     let node = NetNs::new("node");
-    let out = podwire(&node, &["--bpffs", odd.0.to_str().unwrap(), "endpoints"]).output().expect("podwire");
+    let out = podwire(&node, &["--bpffs", odd.0.to_str().unwrap(), "endpoints"])
+        .output()
+        .expect("podwire");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
-    let expected = format!("{} is not the map this podwire reads", odd_pins.map(maps::ENDPOINTS).display());
+    let expected = format!(
+        "{} is not the map this podwire reads",
+        odd_pins.map(maps::ENDPOINTS).display()
+    );
     assert!(stderr.contains(&expected), "{stderr}");
 }
 
 #[test]
 fn completions_cover_the_verbs_and_options() {
     for shell in ["bash", "zsh", "fish"] {
-        let script = stdout(&run(Command::new(bin("podwire")).args(["completions", shell])));
-        for word in ["endpoints", "counters", "completions", "nonzero", "bpffs", "output"] {
+        let script = stdout(&run(
+            Command::new(bin("podwire")).args(["completions", shell])
+        ));
+        for word in [
+            "endpoints",
+            "counters",
+            "completions",
+            "nonzero",
+            "bpffs",
+            "output",
+        ] {
             assert!(script.contains(word), "{shell} completions lack {word}");
         }
     }
@@ -254,17 +362,26 @@ fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() {
     node.stop_agent();
     let bpffs = node.pins.to_str().unwrap();
 
-    let endpoints = json(&run(&mut podwire(&node.ns, &["--bpffs", bpffs, "endpoints", "-o", "json"])));
+    let endpoints = json(&run(&mut podwire(
+        &node.ns,
+        &["--bpffs", bpffs, "endpoints", "-o", "json"],
+    )));
     let endpoints = endpoints.as_array().expect("an array");
     assert_eq!(endpoints.len(), 2, "{endpoints:?}");
     for (row, pod) in endpoints.iter().zip([&a, &b]) {
         assert_eq!(row["ip"], pod.ip.to_string());
-        assert_eq!(row["host_veth"], pod.result["interfaces"][0]["name"], "ifindex resolved to the veth");
+        assert_eq!(
+            row["host_veth"], pod.result["interfaces"][0]["name"],
+            "ifindex resolved to the veth"
+        );
         assert_eq!(row["host_mac"], pod.result["interfaces"][0]["mac"]);
         assert_eq!(row["pod_mac"], pod.result["interfaces"][1]["mac"]);
     }
 
-    let counters = json(&run(&mut podwire(&node.ns, &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"])));
+    let counters = json(&run(&mut podwire(
+        &node.ns,
+        &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"],
+    )));
     let redirect = counters
         .as_array()
         .expect("an array")
@@ -272,7 +389,10 @@ fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() {
         .find(|r| r["reason"] == "redirect-local")
         .unwrap_or_else(|| panic!("no redirect-local row: {counters}"));
     let expected = node.counter(Reason::RedirectLocal);
-    assert!(expected.packets >= 2, "the ping request and reply were redirected");
+    assert!(
+        expected.packets >= 2,
+        "the ping request and reply were redirected"
+    );
     assert_eq!(redirect["verdict"], "redirect");
     assert_eq!(redirect["packets"], expected.packets);
     assert_eq!(redirect["bytes"], expected.bytes);

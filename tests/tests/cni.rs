@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use podwire_common::Reason;
-use podwire_tests::{ping, pod_ip, tcp_echo, Node, NetNs, Pod};
+use podwire_tests::{ping, pod_ip, tcp_echo, NetNs, Node, Pod};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
 const POD_CIDR: &str = "10.244.0.0/24";
@@ -20,13 +20,26 @@ fn add_result_follows_the_spec_and_the_pod_is_addressed_as_it_says() {
     let pod = node.add_pod("c-result");
     let r = &pod.result;
     assert_eq!(r["cniVersion"], "1.1.0");
-    assert_eq!(pod.ip, Ipv4Addr::new(10, 244, 0, 2), "first pod address (.1 is the node's)");
+    assert_eq!(
+        pod.ip,
+        Ipv4Addr::new(10, 244, 0, 2),
+        "first pod address (.1 is the node's)"
+    );
     assert_eq!(r["ips"][0]["address"], "10.244.0.2/32");
     assert_eq!(r["ips"][0]["gateway"], "169.254.1.1");
-    assert_eq!(r["ips"][0]["interface"], 1, "the IP belongs to the pod's interface");
+    assert_eq!(
+        r["ips"][0]["interface"], 1,
+        "the IP belongs to the pod's interface"
+    );
     assert_eq!(r["interfaces"][1]["name"], "eth0");
-    assert_eq!(r["interfaces"][1]["sandbox"], format!("/run/netns/{}", pod.ns.name()));
-    assert_eq!(r["interfaces"][1]["mtu"], 1500, "a node without overlay gives pods 1500");
+    assert_eq!(
+        r["interfaces"][1]["sandbox"],
+        format!("/run/netns/{}", pod.ns.name())
+    );
+    assert_eq!(
+        r["interfaces"][1]["mtu"], 1500,
+        "a node without overlay gives pods 1500"
+    );
     assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
     assert_eq!(r["routes"][0]["gw"], "169.254.1.1");
     let host_veth = r["interfaces"][0]["name"].as_str().unwrap();
@@ -37,7 +50,11 @@ fn add_result_follows_the_spec_and_the_pod_is_addressed_as_it_says() {
     let addr: serde_json::Value = serde_json::from_slice(&addr.stdout).unwrap();
     assert_eq!(addr[0]["address"], r["interfaces"][1]["mac"]);
     assert_eq!(addr[0]["mtu"], 1500);
-    assert!(addr[0]["addr_info"].as_array().unwrap().iter().any(|a| a["local"] == "10.244.0.2" && a["prefixlen"] == 32));
+    assert!(addr[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["local"] == "10.244.0.2" && a["prefixlen"] == 32));
     let neigh = String::from_utf8(pod.ns.ip(&["neigh", "show", "169.254.1.1"]).stdout).unwrap();
     assert!(
         neigh.contains(r["interfaces"][0]["mac"].as_str().unwrap()) && neigh.contains("PERMANENT"),
@@ -56,7 +73,9 @@ fn add_result_follows_the_spec_and_the_pod_is_addressed_as_it_says() {
 fn pods_reach_each_other_with_forwarding_off_through_the_ebpf_path() {
     let node = node();
     node.ns.sysctl_ipv4("ip_forward", "0");
-    let mut pods: Vec<Pod> = (0..3).map(|i| node.add_pod(&format!("c-pair-{i}"))).collect();
+    let mut pods: Vec<Pod> = (0..3)
+        .map(|i| node.add_pod(&format!("c-pair-{i}")))
+        .collect();
     let cnitool = Cnitool::new(&node);
     pods.extend((0..2).map(|_| cnitool.add(&node)));
     let redirected_before = node.counter(Reason::RedirectLocal).packets;
@@ -71,7 +90,10 @@ fn pods_reach_each_other_with_forwarding_off_through_the_ebpf_path() {
     }
     let redirected = node.counter(Reason::RedirectLocal).packets - redirected_before;
     // 20 ordered pairs, each with an ICMP exchange and a TCP echo of 128 KiB both ways.
-    assert!(redirected >= 20 * 2 * 10, "redirect-local counted {redirected} packets");
+    assert!(
+        redirected >= 20 * 2 * 10,
+        "redirect-local counted {redirected} packets"
+    );
     assert_eq!(node.counter(Reason::DropSpoofedIp).packets, 0);
     assert_eq!(node.counter(Reason::DropSpoofedMac).packets, 0);
 
@@ -79,22 +101,33 @@ fn pods_reach_each_other_with_forwarding_off_through_the_ebpf_path() {
     for pod in &pods[3..] {
         cnitool.run(&node, "del", &pod.ns);
         let veth = pod.result["interfaces"][0]["name"].as_str().unwrap();
-        assert!(!node.host_veths().iter().any(|v| v == veth), "cnitool del removed {veth}");
-        assert!(node.endpoints().iter().all(|(ip, _)| *ip != pod.ip), "and its map entry");
+        assert!(
+            !node.host_veths().iter().any(|v| v == veth),
+            "cnitool del removed {veth}"
+        );
+        assert!(
+            node.endpoints().iter().all(|(ip, _)| *ip != pod.ip),
+            "and its map entry"
+        );
     }
 }
 
 #[test]
 fn the_node_reaches_its_pods_and_the_pods_reach_the_node() {
     let node = node();
-    let pods: Vec<Pod> = (0..2).map(|i| node.add_pod(&format!("c-node-{i}"))).collect();
+    let pods: Vec<Pod> = (0..2)
+        .map(|i| node.add_pod(&format!("c-node-{i}")))
+        .collect();
     for pod in &pods {
         assert!(ping(&node.ns, pod.ip), "node -> {}", pod.ip);
         tcp_echo(&node.ns, &pod.ns, pod.ip, 64 * 1024);
         assert!(ping(&pod.ns, NODE_IP), "{} -> node", pod.ip);
         tcp_echo(&pod.ns, &node.ns, NODE_IP, 64 * 1024);
     }
-    assert!(node.counter(Reason::PassToStack).packets > 0, "pod -> node went up the host stack");
+    assert!(
+        node.counter(Reason::PassToStack).packets > 0,
+        "pod -> node went up the host stack"
+    );
 }
 
 #[test]
@@ -104,7 +137,9 @@ fn a_pod_sending_with_another_pods_address_is_dropped_and_counted() {
     let b = node.add_pod("c-spoof-b");
     let c = node.add_pod("c-spoof-c");
     let listener = c.ns.run(|| std::net::UdpSocket::bind((c.ip, 0))).unwrap();
-    listener.set_read_timeout(Some(std::time::Duration::from_millis(500))).unwrap();
+    listener
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
     let target = listener.local_addr().unwrap();
 
     // a takes b's address on top of its own and sends from it.
@@ -115,15 +150,27 @@ fn a_pod_sending_with_another_pods_address_is_dropped_and_counted() {
         spoofer.send_to(b"not from b", target).unwrap();
     }
     let mut buf = [0u8; 64];
-    assert!(listener.recv_from(&mut buf).is_err(), "spoofed datagram must not arrive");
+    assert!(
+        listener.recv_from(&mut buf).is_err(),
+        "spoofed datagram must not arrive"
+    );
     let after = node.counter(Reason::DropSpoofedIp);
-    assert_eq!(after.packets - before.packets, 3, "each spoofed datagram dropped and counted");
+    assert_eq!(
+        after.packets - before.packets,
+        3,
+        "each spoofed datagram dropped and counted"
+    );
 
     // a's own address still works.
     let honest = a.ns.run(|| std::net::UdpSocket::bind((a.ip, 0))).unwrap();
     honest.send_to(b"from a", target).unwrap();
-    let (n, from) = listener.recv_from(&mut buf).expect("a's own datagram arrives");
-    assert_eq!((&buf[..n], from.ip()), (&b"from a"[..], std::net::IpAddr::V4(a.ip)));
+    let (n, from) = listener
+        .recv_from(&mut buf)
+        .expect("a's own datagram arrives");
+    assert_eq!(
+        (&buf[..n], from.ip()),
+        (&b"from a"[..], std::net::IpAddr::V4(a.ip))
+    );
 }
 
 #[test]
@@ -131,14 +178,23 @@ fn del_then_add_again_reuses_no_stale_state() {
     let node = node();
     let peer = node.add_pod("c-peer");
     let first = node.add_pod("c-cycle");
-    let first_veth = first.result["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    let first_veth = first.result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(ping(&first.ns, peer.ip));
 
     let del = node.cni_pod("DEL", "c-cycle", Some(&first.ns));
     assert!(del.success && del.stdout.is_empty(), "DEL: {del:?}");
     assert!(!node.host_veths().contains(&first_veth), "veth removed");
-    assert!(node.endpoints().iter().all(|(ip, _)| *ip != first.ip), "map entry removed");
-    assert!(!node.state().to_string().contains("c-cycle"), "address released");
+    assert!(
+        node.endpoints().iter().all(|(ip, _)| *ip != first.ip),
+        "map entry removed"
+    );
+    assert!(
+        !node.state().to_string().contains("c-cycle"),
+        "address released"
+    );
     // DEL again, and DEL without a netns, are fine.
     assert!(node.cni_pod("DEL", "c-cycle", Some(&first.ns)).success);
     assert!(node.cni_pod("DEL", "c-cycle", None).success);
@@ -147,7 +203,10 @@ fn del_then_add_again_reuses_no_stale_state() {
     let again = node.cni_pod("ADD", "c-cycle", Some(&first.ns));
     assert!(again.success, "ADD after DEL: {again:?}");
     let ip = pod_ip(&again.json());
-    assert_ne!(ip, first.ip, "a released address is not handed out again straight away");
+    assert_ne!(
+        ip, first.ip,
+        "a released address is not handed out again straight away"
+    );
     assert!(ping(&first.ns, peer.ip), "re-added pod reaches its peer");
     assert!(ping(&peer.ns, ip), "peer reaches the re-added pod");
 
@@ -166,13 +225,25 @@ fn check_passes_on_a_wired_pod_and_fails_once_its_interface_is_gone() {
     let mut conf = node.conf();
     conf["prevResult"] = pod.result.clone();
     let netns = format!("/run/netns/{}", pod.ns.name());
-    let env = [("CNI_CONTAINERID", "c-check"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", netns.as_str())];
+    let env = [
+        ("CNI_CONTAINERID", "c-check"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", netns.as_str()),
+    ];
     let ok = node.cni("CHECK", &env, conf.to_string().as_bytes());
-    assert!(ok.success && ok.stdout.is_empty(), "CHECK of a wired pod: {ok:?}");
+    assert!(
+        ok.success && ok.stdout.is_empty(),
+        "CHECK of a wired pod: {ok:?}"
+    );
 
     pod.ns.ip(&["link", "del", "eth0"]);
-    let msg = node.cni("CHECK", &env, conf.to_string().as_bytes()).expect_error(100);
-    assert!(msg.contains("veth") || msg.contains("eth0"), "message names what is missing: {msg}");
+    let msg = node
+        .cni("CHECK", &env, conf.to_string().as_bytes())
+        .expect_error(100);
+    assert!(
+        msg.contains("veth") || msg.contains("eth0"),
+        "message names what is missing: {msg}"
+    );
 }
 
 #[test]
@@ -180,15 +251,25 @@ fn gc_removes_attachments_the_runtime_no_longer_has() {
     let node = node();
     let keep = node.add_pod("c-keep");
     let stale = node.add_pod("c-stale");
-    let stale_veth = stale.result["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    let stale_veth = stale.result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut conf = node.conf();
-    conf["cni.dev/valid-attachments"] = serde_json::json!([{ "containerID": "c-keep", "ifname": "eth0" }]);
+    conf["cni.dev/valid-attachments"] =
+        serde_json::json!([{ "containerID": "c-keep", "ifname": "eth0" }]);
     let gc = node.cni("GC", &[], conf.to_string().as_bytes());
     assert!(gc.success && gc.stdout.is_empty(), "GC: {gc:?}");
-    assert!(!node.host_veths().contains(&stale_veth), "stale veth deleted");
+    assert!(
+        !node.host_veths().contains(&stale_veth),
+        "stale veth deleted"
+    );
     let ips: Vec<Ipv4Addr> = node.endpoints().into_iter().map(|(ip, _)| ip).collect();
     assert_eq!(ips, [keep.ip], "stale map entry removed");
-    assert!(!node.state().to_string().contains("c-stale"), "stale address released");
+    assert!(
+        !node.state().to_string().contains("c-stale"),
+        "stale address released"
+    );
     assert!(ping(&node.ns, keep.ip), "the kept pod still works");
 }
 
@@ -196,14 +277,22 @@ fn gc_removes_attachments_the_runtime_no_longer_has() {
 fn status_and_version() {
     let mut node = node();
     let status = node.cni("STATUS", &[], node.conf().to_string().as_bytes());
-    assert!(status.success && status.stdout.is_empty(), "STATUS with the agent up: {status:?}");
+    assert!(
+        status.success && status.stdout.is_empty(),
+        "STATUS with the agent up: {status:?}"
+    );
     let version = node.cni("VERSION", &[], br#"{"cniVersion":"1.1.0"}"#);
     assert!(version.success);
     let v = version.json();
-    assert_eq!(v["supportedVersions"], serde_json::json!(["0.4.0", "1.0.0", "1.1.0"]));
+    assert_eq!(
+        v["supportedVersions"],
+        serde_json::json!(["0.4.0", "1.0.0", "1.1.0"])
+    );
 
     node.stop_agent();
-    let msg = node.cni("STATUS", &[], node.conf().to_string().as_bytes()).expect_error(50);
+    let msg = node
+        .cni("STATUS", &[], node.conf().to_string().as_bytes())
+        .expect_error(50);
     assert!(msg.contains("not reachable"), "{msg}");
 }
 
@@ -229,30 +318,51 @@ fn bad_input_gets_the_specs_errors_and_leaves_nothing_behind() {
     let mut node = node();
     let pod = NetNs::new("pod");
     let netns = format!("/run/netns/{}", pod.name());
-    let env = [("CNI_CONTAINERID", "c-bad"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", netns.as_str())];
+    let env = [
+        ("CNI_CONTAINERID", "c-bad"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", netns.as_str()),
+    ];
 
-    let msg = node.cni("ADD", &env, b"{\"cniVersion\": \"1.1.0\", \"name\": ").expect_error(6);
+    let msg = node
+        .cni("ADD", &env, b"{\"cniVersion\": \"1.1.0\", \"name\": ")
+        .expect_error(6);
     assert!(msg.contains("not valid JSON"), "{msg}");
 
     let mut old = node.conf();
     old["cniVersion"] = "0.2.0".into();
-    let msg = node.cni("ADD", &env, old.to_string().as_bytes()).expect_error(1);
-    assert!(msg.contains("0.2.0") && msg.contains("1.1.0"), "names the version and what is supported: {msg}");
+    let msg = node
+        .cni("ADD", &env, old.to_string().as_bytes())
+        .expect_error(1);
+    assert!(
+        msg.contains("0.2.0") && msg.contains("1.1.0"),
+        "names the version and what is supported: {msg}"
+    );
 
-    let msg = node.cni("ADD", &env[..2], node.conf().to_string().as_bytes()).expect_error(4);
+    let msg = node
+        .cni("ADD", &env[..2], node.conf().to_string().as_bytes())
+        .expect_error(4);
     assert!(msg.contains("CNI_NETNS"), "{msg}");
 
     let mut ipam = node.conf();
     ipam["ipam"] = serde_json::json!({ "type": "host-local" });
-    let msg = node.cni("ADD", &env, ipam.to_string().as_bytes()).expect_error(2);
+    let msg = node
+        .cni("ADD", &env, ipam.to_string().as_bytes())
+        .expect_error(2);
     assert!(msg.contains("ipam"), "{msg}");
 
     node.stop_agent();
-    let msg = node.cni("ADD", &env, node.conf().to_string().as_bytes()).expect_error(11);
+    let msg = node
+        .cni("ADD", &env, node.conf().to_string().as_bytes())
+        .expect_error(11);
     assert!(msg.contains("not reachable"), "{msg}");
 
     // Nothing was left: no veth on the node, no interface in the pod, no map entry, no address.
-    assert!(node.host_veths().is_empty(), "veths: {:?}", node.host_veths());
+    assert!(
+        node.host_veths().is_empty(),
+        "veths: {:?}",
+        node.host_veths()
+    );
     let links = String::from_utf8(pod.ip(&["-o", "link"]).stdout).unwrap();
     assert!(!links.contains("eth0"), "pod interfaces: {links}");
     assert!(node.endpoints().is_empty());
@@ -278,8 +388,18 @@ impl Cnitool {
             "name": "podwire",
             "plugins": [podwire, { "type": "tuning", "sysctl": { "net.ipv4.conf.eth0.accept_local": "1" } }],
         });
-        std::fs::write(netconf.path().join("10-podwire.conflist"), conflist.to_string()).unwrap();
-        let cni_path = format!("{}:/usr/lib/cni", podwire_tests::bin("podwire-cni").parent().unwrap().display());
+        std::fs::write(
+            netconf.path().join("10-podwire.conflist"),
+            conflist.to_string(),
+        )
+        .unwrap();
+        let cni_path = format!(
+            "{}:/usr/lib/cni",
+            podwire_tests::bin("podwire-cni")
+                .parent()
+                .unwrap()
+                .display()
+        );
         Cnitool { netconf, cni_path }
     }
 
@@ -296,10 +416,15 @@ impl Cnitool {
     fn add(&self, node: &Node) -> Pod {
         let ns = NetNs::new("pod");
         let out = self.run(node, "add", &ns);
-        let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cnitool prints the result");
+        let result: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("cnitool prints the result");
         assert_eq!(result["cniVersion"], "1.0.0");
         let sysctl = String::from_utf8(
-            podwire_tests::run(ns.command("sysctl").args(["-n", "net.ipv4.conf.eth0.accept_local"])).stdout,
+            podwire_tests::run(
+                ns.command("sysctl")
+                    .args(["-n", "net.ipv4.conf.eth0.accept_local"]),
+            )
+            .stdout,
         )
         .unwrap();
         assert_eq!(sysctl.trim(), "1", "tuning ran after podwire on its result");

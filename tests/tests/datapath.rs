@@ -37,7 +37,10 @@ fn every_program_in_the_object_passes_the_verifier() {
         let result = match program {
             Program::SchedClassifier(p) => p.load(),
             Program::Xdp(p) => p.load(),
-            other => panic!("{name}: program type {:?} has no load case here", other.prog_type()),
+            other => panic!(
+                "{name}: program type {:?} has no load case here",
+                other.prog_type()
+            ),
         };
         if let Err(e) = result {
             // The verifier log is in the error's source chain.
@@ -64,8 +67,18 @@ fn from_pod_verdicts_on_crafted_packets() {
     let (a, b) = (Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 0, 3));
     let a_mac = [0x02, 0, 0, 0, 0, 2];
     // BPF_PROG_TEST_RUN runs tc programs on the loopback device: ifindex 1.
-    let a_ep = Endpoint { ifindex: 1, flags: 0, pod_mac: a_mac, host_mac: [0x02, 0, 0, 0, 0, 1] };
-    let b_ep = Endpoint { ifindex: 7, flags: 0, pod_mac: [0x02, 0, 0, 0, 0, 3], host_mac: [0x02, 0, 0, 0, 0, 4] };
+    let a_ep = Endpoint {
+        ifindex: 1,
+        flags: 0,
+        pod_mac: a_mac,
+        host_mac: [0x02, 0, 0, 0, 0, 1],
+    };
+    let b_ep = Endpoint {
+        ifindex: 7,
+        flags: 0,
+        pod_mac: [0x02, 0, 0, 0, 0, 3],
+        host_mac: [0x02, 0, 0, 0, 0, 4],
+    };
     datapath.set_endpoint(a, a_ep).unwrap();
     datapath.set_endpoint(b, b_ep).unwrap();
 
@@ -83,12 +96,42 @@ fn from_pod_verdicts_on_crafted_packets() {
     // A frame whose IPv4 header is cut short is refused by BPF_PROG_TEST_RUN itself (EINVAL), so
     // that case is sent for real from a packet socket in the veth test below.
     let cases: [(&str, &[u8], u32, Reason); 7] = [
-        ("to a non-pod address", &to_node, TC_ACT_OK, Reason::PassToStack),
-        ("to a local pod", &to_b, TC_ACT_REDIRECT, Reason::RedirectLocal),
-        ("TTL 1 to a local pod", &ttl_1, TC_ACT_SHOT, Reason::DropTtlExceeded),
-        ("source IP of no endpoint", &from_stranger, TC_ACT_SHOT, Reason::DropSpoofedIp),
-        ("source MAC not the pod's", &wrong_mac, TC_ACT_SHOT, Reason::DropSpoofedMac),
-        ("IPv4 IHL below 5", &short_ihl, TC_ACT_SHOT, Reason::DropMalformed),
+        (
+            "to a non-pod address",
+            &to_node,
+            TC_ACT_OK,
+            Reason::PassToStack,
+        ),
+        (
+            "to a local pod",
+            &to_b,
+            TC_ACT_REDIRECT,
+            Reason::RedirectLocal,
+        ),
+        (
+            "TTL 1 to a local pod",
+            &ttl_1,
+            TC_ACT_SHOT,
+            Reason::DropTtlExceeded,
+        ),
+        (
+            "source IP of no endpoint",
+            &from_stranger,
+            TC_ACT_SHOT,
+            Reason::DropSpoofedIp,
+        ),
+        (
+            "source MAC not the pod's",
+            &wrong_mac,
+            TC_ACT_SHOT,
+            Reason::DropSpoofedMac,
+        ),
+        (
+            "IPv4 IHL below 5",
+            &short_ihl,
+            TC_ACT_SHOT,
+            Reason::DropMalformed,
+        ),
         ("ARP", &arp, TC_ACT_OK, Reason::PassNotIpv4),
     ];
     for (what, frame, want_verdict, want_reason) in cases {
@@ -97,18 +140,34 @@ fn from_pod_verdicts_on_crafted_packets() {
         let result = datapath
             .classifier(programs::FROM_POD)
             .unwrap()
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
             .unwrap_or_else(|e| panic!("{what}: BPF_PROG_TEST_RUN: {e:?}"));
         assert_eq!(result.return_value, want_verdict, "{what}: verdict");
         let after = counter(&datapath, want_reason);
-        assert_eq!(after.packets, before.packets + 1, "{what}: {want_reason:?} packets");
-        assert_eq!(after.bytes, before.bytes + frame.len() as u64, "{what}: {want_reason:?} bytes");
+        assert_eq!(
+            after.packets,
+            before.packets + 1,
+            "{what}: {want_reason:?} packets"
+        );
+        assert_eq!(
+            after.bytes,
+            before.bytes + frame.len() as u64,
+            "{what}: {want_reason:?} bytes"
+        );
         if want_reason == Reason::RedirectLocal {
             // Routed as a router would: MACs of b's veth pair, TTL one less, checksum still valid.
             assert_eq!(&out[0..6], &b_ep.pod_mac, "destination MAC is b's");
             assert_eq!(&out[6..12], &b_ep.host_mac, "source MAC is b's gateway");
             assert_eq!(out[14 + 8], frame[14 + 8] - 1, "TTL decremented");
-            assert_eq!(packet::checksum(&out[14..34]), 0, "IPv4 header checksum valid");
+            assert_eq!(
+                packet::checksum(&out[14..34]),
+                0,
+                "IPv4 header checksum valid"
+            );
             assert_eq!(&out[14 + 20..], &frame[14 + 20..], "payload untouched");
         } else {
             assert_eq!(&out, frame, "{what}: frame untouched");
@@ -123,16 +182,32 @@ fn from_pod_on_a_veth_counts_real_packets_it_passes_to_the_node() {
     let (ifindex, host_mac) = net.node.link(NodeAndPod::HOST_IF);
     let (_, pod_mac) = net.pod.link(NodeAndPod::POD_IF);
     datapath
-        .set_endpoint(NodeAndPod::POD_IP, Endpoint { ifindex, flags: 0, pod_mac, host_mac })
+        .set_endpoint(
+            NodeAndPod::POD_IP,
+            Endpoint {
+                ifindex,
+                flags: 0,
+                pod_mac,
+                host_mac,
+            },
+        )
         .unwrap();
     net.node
         .run(|| datapath.attach_from_pod(NodeAndPod::HOST_IF))
         .expect("attaching from_pod");
 
-    let receiver = net.node.run(|| UdpSocket::bind((NodeAndPod::NODE_IP, 0))).unwrap();
-    receiver.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let receiver = net
+        .node
+        .run(|| UdpSocket::bind((NodeAndPod::NODE_IP, 0)))
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let target = receiver.local_addr().unwrap();
-    let sender = net.pod.run(|| UdpSocket::bind((NodeAndPod::POD_IP, 0))).unwrap();
+    let sender = net
+        .pod
+        .run(|| UdpSocket::bind((NodeAndPod::POD_IP, 0)))
+        .unwrap();
 
     const DATAGRAMS: u64 = 5;
     const PAYLOAD: usize = 100;
@@ -160,7 +235,11 @@ fn from_pod_on_a_veth_counts_real_packets_it_passes_to_the_node() {
     let runt = &packet::udp_v4(pod_mac, NodeAndPod::POD_IP, NodeAndPod::NODE_IP, b"x")[..14 + 12];
     net.pod.run(|| send_raw_frame(NodeAndPod::POD_IF, runt));
     let dropped = counter(&datapath, Reason::DropMalformed);
-    assert_eq!((dropped.packets, dropped.bytes), (1, runt.len() as u64), "runt frame dropped");
+    assert_eq!(
+        (dropped.packets, dropped.bytes),
+        (1, runt.len() as u64),
+        "runt frame dropped"
+    );
     assert_eq!(counter(&datapath, Reason::PassToStack).packets, DATAGRAMS);
 }
 
@@ -170,7 +249,11 @@ fn send_raw_frame(iface: &str, frame: &[u8]) {
     // SAFETY: plain socket syscalls on a descriptor this function owns and closes.
     unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         let mut addr: libc::sockaddr_ll = std::mem::zeroed();
         addr.sll_family = libc::AF_PACKET as u16;
         addr.sll_ifindex = ifindex as i32;

@@ -61,15 +61,48 @@ pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
     let (z, z_ip) = bridge_pod(&base[1], 2, 2)?;
 
     let modes = [
-        ("same node", "podwire", Pair { client: a.clone(), server: b, server_ip: b_ip }),
-        ("same node", "Linux bridge", Pair { client: x.clone(), server: y, server_ip: y_ip }),
-        ("two nodes", "podwire", Pair { client: a, server: c, server_ip: c_ip }),
-        ("two nodes", "kernel VXLAN + bridge", Pair { client: x, server: z, server_ip: z_ip }),
+        (
+            "same node",
+            "podwire",
+            Pair {
+                client: a.clone(),
+                server: b,
+                server_ip: b_ip,
+            },
+        ),
+        (
+            "same node",
+            "Linux bridge",
+            Pair {
+                client: x.clone(),
+                server: y,
+                server_ip: y_ip,
+            },
+        ),
+        (
+            "two nodes",
+            "podwire",
+            Pair {
+                client: a,
+                server: c,
+                server_ip: c_ip,
+            },
+        ),
+        (
+            "two nodes",
+            "kernel VXLAN + bridge",
+            Pair {
+                client: x,
+                server: z,
+                server_ip: z_ip,
+            },
+        ),
     ];
     let mut samples: Vec<Vec<Sample>> = modes.iter().map(|_| Vec::new()).collect();
     for rep in 1..=reps {
         for ((pair_name, datapath, pair), results) in modes.iter().zip(&mut samples) {
-            let sample = measure(pair, seconds).with_context(|| format!("{pair_name}, {datapath}"))?;
+            let sample =
+                measure(pair, seconds).with_context(|| format!("{pair_name}, {datapath}"))?;
             eprintln!(
                 "  rep {rep}/{reps} {pair_name:9} {datapath:22} {:6.2} Gbit/s {:8.0} RR/s p50 {:5.1} us p99 {:5.1} us",
                 sample.gbits, sample.rr_per_s, sample.p50_us, sample.p99_us
@@ -79,7 +112,10 @@ pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
     }
 
     println!("\nMedians of {reps}, {seconds} s each; TCP_RR with both ends on CPU 0. Only ratios within one run mean anything.");
-    println!("{:10} {:23} {:>10} {:>10} {:>14}", "pair", "datapath", "TCP Gbit/s", "RR tx/s", "RR p50/p99 us");
+    println!(
+        "{:10} {:23} {:>10} {:>10} {:>14}",
+        "pair", "datapath", "TCP Gbit/s", "RR tx/s", "RR p50/p99 us"
+    );
     for ((pair_name, datapath, _), results) in modes.iter().zip(&samples) {
         println!(
             "{pair_name:10} {datapath:23} {:>10.2} {:>10.0} {:>8.1}/{:<5.1}",
@@ -105,18 +141,61 @@ pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
 /// pods and a VXLAN device (VNI 99) routed to the other baseline host's pod subnet: Flannel's
 /// vxlan backend, built by hand. Forwarding on, as that datapath needs.
 fn baseline_node(lab: &Lab, i: u8) -> Result<String> {
-    let ns = lab.host(&format!("base{i}"), Ipv4Addr::new(192, 168, 77, 10 + i), true)?;
+    let ns = lab.host(
+        &format!("base{i}"),
+        Ipv4Addr::new(192, 168, 77, 10 + i),
+        true,
+    )?;
     let peer = 3 - i;
     ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
-    ip(&["-n", &ns, "addr", "add", &format!("10.250.{i}.1/24"), "dev", "cbr0"])?;
+    ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        &format!("10.250.{i}.1/24"),
+        "dev",
+        "cbr0",
+    ])?;
     ip(&["-n", &ns, "link", "set", "cbr0", "mtu", POD_MTU, "up"])?;
     ip(&[
-        "-n", &ns, "link", "add", "vx0", "type", "vxlan", "id", "99", "dstport", "4789", "dev", "eth0",
-        "local", &format!("192.168.77.1{i}"), "remote", &format!("192.168.77.1{peer}"),
+        "-n",
+        &ns,
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "99",
+        "dstport",
+        "4789",
+        "dev",
+        "eth0",
+        "local",
+        &format!("192.168.77.1{i}"),
+        "remote",
+        &format!("192.168.77.1{peer}"),
     ])?;
-    ip(&["-n", &ns, "addr", "add", &format!("10.251.0.{i}/24"), "dev", "vx0"])?;
+    ip(&[
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        &format!("10.251.0.{i}/24"),
+        "dev",
+        "vx0",
+    ])?;
     ip(&["-n", &ns, "link", "set", "vx0", "up"])?;
-    ip(&["-n", &ns, "route", "add", &format!("10.250.{peer}.0/24"), "via", &format!("10.251.0.{peer}")])?;
+    ip(&[
+        "-n",
+        &ns,
+        "route",
+        "add",
+        &format!("10.250.{peer}.0/24"),
+        "via",
+        &format!("10.251.0.{peer}"),
+    ])?;
     Ok(ns)
 }
 
@@ -126,51 +205,116 @@ fn bridge_pod(node: &str, subnet: u8, host: u8) -> Result<(String, Ipv4Addr)> {
     let port = format!("veth{host}");
     let addr = Ipv4Addr::new(10, 250, subnet, host);
     ip(&["netns", "add", &pod])?;
-    ip(&["-n", node, "link", "add", &port, "mtu", POD_MTU, "type", "veth", "peer", "name", "eth0", "netns", &pod])?;
+    ip(&[
+        "-n", node, "link", "add", &port, "mtu", POD_MTU, "type", "veth", "peer", "name", "eth0",
+        "netns", &pod,
+    ])?;
     ip(&["-n", node, "link", "set", &port, "master", "cbr0", "up"])?;
     ip(&["-n", &pod, "link", "set", "lo", "up"])?;
     ip(&["-n", &pod, "link", "set", "eth0", "mtu", POD_MTU, "up"])?;
-    ip(&["-n", &pod, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-    ip(&["-n", &pod, "route", "add", "default", "via", &format!("10.250.{subnet}.1")])?;
+    ip(&[
+        "-n",
+        &pod,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        &pod,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.250.{subnet}.1"),
+    ])?;
     Ok((pod, addr))
 }
 
 fn measure(pair: &Pair, seconds: u64) -> Result<Sample> {
     let gbits = iperf3(pair, seconds)?;
     let (rr_per_s, p50_us, p99_us) = request_response(pair, Duration::from_secs(seconds))?;
-    Ok(Sample { gbits, rr_per_s, p50_us, p99_us })
+    Ok(Sample {
+        gbits,
+        rr_per_s,
+        p50_us,
+        p99_us,
+    })
 }
 
 /// One iperf3 TCP stream from client to server; received Gbit/s.
 fn iperf3(pair: &Pair, seconds: u64) -> Result<f64> {
     let bind = pair.server_ip.to_string();
     let mut server = Command::new("ip")
-        .args(["netns", "exec", &pair.server, "iperf3", "-s", "-1", "-B", &bind])
+        .args([
+            "netns",
+            "exec",
+            &pair.server,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &bind,
+        ])
         .stdout(Stdio::null())
         .spawn()
         .context("starting iperf3 -s")?;
     // Connecting to find out whether it listens would use up its one test: ask the kernel.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !listening(&pair.server, 5201)? {
-        ensure!(Instant::now() < deadline, "iperf3 -s in {} does not listen", pair.server);
+        ensure!(
+            Instant::now() < deadline,
+            "iperf3 -s in {} does not listen",
+            pair.server
+        );
         thread::sleep(Duration::from_millis(50));
     }
     let out = Command::new("ip")
-        .args(["netns", "exec", &pair.client, "timeout", &(seconds + 20).to_string()])
-        .args(["iperf3", "-c", &bind, "-C", "cubic", "-J", "-t", &seconds.to_string()])
+        .args([
+            "netns",
+            "exec",
+            &pair.client,
+            "timeout",
+            &(seconds + 20).to_string(),
+        ])
+        .args([
+            "iperf3",
+            "-c",
+            &bind,
+            "-C",
+            "cubic",
+            "-J",
+            "-t",
+            &seconds.to_string(),
+        ])
         .output()?;
     let _ = server.kill();
     let _ = server.wait();
-    ensure!(out.status.success(), "iperf3 -c {bind}: {}", String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        out.status.success(),
+        "iperf3 -c {bind}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let bits = json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
+    let bits = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 result")?;
     Ok(bits / 1e9)
 }
 
 /// Whether something listens on TCP `port` in namespace `ns`.
 fn listening(ns: &str, port: u16) -> Result<bool> {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ss", "-Hltn", &format!("sport = :{port}")])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ss",
+            "-Hltn",
+            &format!("sport = :{port}"),
+        ])
         .output()
         .context("ss")?;
     Ok(!out.stdout.is_empty())
@@ -192,7 +336,9 @@ fn request_response(pair: &Pair, duration: Duration) -> Result<(f64, f64, f64)> 
         }
         Ok(())
     });
-    let mut conn = in_netns(&pair.client, || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
+    let mut conn = in_netns(&pair.client, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    })??;
     conn.set_nodelay(true)?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let latencies = thread::scope(|s| {

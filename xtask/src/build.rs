@@ -30,7 +30,14 @@ pub fn ebpf(linker_dir: &Path) -> Result<PathBuf> {
     let target_dir = root.join("target/ebpf");
     let mut cmd = Command::new(toolchain::CARGO);
     cmd.current_dir(&root)
-        .args(["build", "--release", "--package", "podwire-ebpf", "--target", BPF_TARGET])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "podwire-ebpf",
+            "--target",
+            BPF_TARGET,
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTC", toolchain::RUSTC)
@@ -38,7 +45,10 @@ pub fn ebpf(linker_dir: &Path) -> Result<PathBuf> {
         .env("RUSTC_BOOTSTRAP", "1")
         // Full debug info so bpf-linker can emit BTF: the verifier log and bpftool then show
         // source lines, and aya relocates map definitions from it.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
         .env("PATH", prepend_path(linker_dir))
         // Whatever the rustup proxy or an outer cargo set must not leak into Debian's cargo.
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -71,7 +81,10 @@ pub fn test(args: &[String]) -> Result<()> {
     toolchain::ensure(Needs::Run)?;
     let cnitool = crate::cnitool::ensure()?;
     let bins = all(false)?;
-    let object = workspace_root().join("target/ebpf").join(BPF_TARGET).join("release/podwire");
+    let object = workspace_root()
+        .join("target/ebpf")
+        .join(BPF_TARGET)
+        .join("release/podwire");
     let mut cmd = userspace_cargo(&object, "test");
     cmd.env(BIN_DIR_ENV, &bins).env(CNITOOL_ENV, &cnitool);
     if !args.is_empty() {
@@ -80,7 +93,11 @@ pub fn test(args: &[String]) -> Result<()> {
     let (mut passed, mut failed) = run_counting_tests(cmd)?;
     // The same programs through the verifier of Debian 12's 6.1 kernel, which users run (skipped
     // with a test filter, which asks for a subset).
-    let vm = if args.is_empty() { Some(crate::vm::verify()) } else { None };
+    let vm = if args.is_empty() {
+        Some(crate::vm::verify())
+    } else {
+        None
+    };
     match vm {
         None => {}
         Some(Ok(())) => {
@@ -163,9 +180,13 @@ mod tests {
         let ok = "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; \
                   finished in 0.28s";
         assert_eq!(test_result(ok), Some((3, 0)));
-        let failed = "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; \
+        let failed =
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; \
                       finished in 0.32s";
         assert_eq!(test_result(failed), Some((2, 1)));
-        assert_eq!(test_result("test from_pod_verdicts_on_crafted_packets ... ok"), None);
+        assert_eq!(
+            test_result("test from_pod_verdicts_on_crafted_packets ... ok"),
+            None
+        );
     }
 }

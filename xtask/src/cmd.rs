@@ -6,9 +6,7 @@ use anyhow::{bail, Context as _, Result};
 
 /// Runs `cmd` with inherited stdio and fails unless it exits 0.
 pub fn run(mut cmd: Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

@@ -14,9 +14,18 @@ use crate::{cmd::run, toolchain::ensure_packages, workspace_root};
 
 const PACKAGES: &[(&str, &str)] = &[
     ("golang-go", "Go, to build cnitool"),
-    ("golang-github-appc-cni-dev", "the CNI library cnitool is built against"),
-    ("dpkg-dev", "dpkg-source, to unpack cnitool's source package"),
-    ("containernetworking-plugins", "the reference CNI plugins in /usr/lib/cni for test conflists"),
+    (
+        "golang-github-appc-cni-dev",
+        "the CNI library cnitool is built against",
+    ),
+    (
+        "dpkg-dev",
+        "dpkg-source, to unpack cnitool's source package",
+    ),
+    (
+        "containernetworking-plugins",
+        "the reference CNI plugins in /usr/lib/cni for test conflists",
+    ),
 ];
 const SOURCE_PACKAGE: &str = "golang-github-appc-cni";
 const SUITE: &str = "bookworm";
@@ -66,12 +75,19 @@ fn build(work: &Path, out: &Path) -> Result<()> {
     // A private sources list and package lists: the machine's apt configuration has no deb-src
     // lines and stays untouched.
     let lists = work.join("lists");
-    fs::create_dir_all(lists.join("partial"))
-        .with_context(|| format!("creating the private apt lists directory {}", lists.display()))?;
+    fs::create_dir_all(lists.join("partial")).with_context(|| {
+        format!(
+            "creating the private apt lists directory {}",
+            lists.display()
+        )
+    })?;
     let sources = work.join("sources.list");
     let mirror = mirror();
-    fs::write(&sources, format!("deb-src [signed-by={KEYRING}] {mirror} {SUITE} main\n"))
-        .with_context(|| format!("writing {}", sources.display()))?;
+    fs::write(
+        &sources,
+        format!("deb-src [signed-by={KEYRING}] {mirror} {SUITE} main\n"),
+    )
+    .with_context(|| format!("writing {}", sources.display()))?;
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
         cmd.current_dir(work)
@@ -135,5 +151,7 @@ fn mirror() -> String {
 
 /// The value of field `name` in a deb822 stanza.
 fn field<'a>(stanza: &'a str, name: &str) -> Option<&'a str> {
-    stanza.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+    stanza
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
 }

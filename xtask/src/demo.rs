@@ -22,10 +22,16 @@ pub fn run(bins: &Path) -> Result<()> {
     let lab = Lab::new("pwdemo", bins)?;
     let nodes = vec![lab.node(1, false)?, lab.node(2, false)?];
     let cluster_file = lab.cluster_file(&nodes)?;
-    println!("== cluster file {cluster_file}:\n{}", std::fs::read_to_string(&cluster_file)?);
+    println!(
+        "== cluster file {cluster_file}:\n{}",
+        std::fs::read_to_string(&cluster_file)?
+    );
     let mut agents = Vec::new();
     for node in &nodes {
-        println!("== node {} at {} on the underlay bridge, pod CIDR {}, IP forwarding off", node.ns, node.ip, node.pod_cidr);
+        println!(
+            "== node {} at {} on the underlay bridge, pod CIDR {}, IP forwarding off",
+            node.ns, node.ip, node.pod_cidr
+        );
         agents.push(lab.start_agent(node, &cluster_file, true)?);
     }
 
@@ -33,7 +39,10 @@ pub fn run(bins: &Path) -> Result<()> {
     for node in &nodes {
         for p in 1..=PODS_PER_NODE {
             let (pod, pod_ip, result) = lab.add_pod(node, &format!("pod{p}"))?;
-            println!("== CNI ADD {pod}: {pod_ip}/32, MTU {}", result["interfaces"][1]["mtu"]);
+            println!(
+                "== CNI ADD {pod}: {pod_ip}/32, MTU {}",
+                result["interfaces"][1]["mtu"]
+            );
             pods.push((pod, pod_ip));
         }
     }
@@ -43,11 +52,16 @@ pub fn run(bins: &Path) -> Result<()> {
         for (to, to_ip) in &pods {
             if from != to {
                 let out = Command::new("ip")
-                    .args(["netns", "exec", from, "ping", "-c", "2", "-i", "0.2", "-W", "2"])
+                    .args([
+                        "netns", "exec", from, "ping", "-c", "2", "-i", "0.2", "-W", "2",
+                    ])
                     .arg(to_ip.to_string())
                     .output()?;
                 let summary = String::from_utf8_lossy(&out.stdout);
-                let line = summary.lines().find(|l| l.contains("received")).unwrap_or("no reply");
+                let line = summary
+                    .lines()
+                    .find(|l| l.contains("received"))
+                    .unwrap_or("no reply");
                 println!("   {from} -> {to} ({to_ip}): {line}");
                 ensure!(out.status.success(), "ping {from} -> {to} failed");
             }
@@ -56,7 +70,11 @@ pub fn run(bins: &Path) -> Result<()> {
     for (server, server_ip) in [&pods[1], &pods[PODS_PER_NODE]] {
         let client = &pods[0].0;
         let (bytes, elapsed) = tcp_transfer(client, server, *server_ip, 64 << 20)?;
-        println!("== TCP {client} -> {server}: {} MiB arrived intact in {:.2} s", bytes >> 20, elapsed.as_secs_f64());
+        println!(
+            "== TCP {client} -> {server}: {} MiB arrived intact in {:.2} s",
+            bytes >> 20,
+            elapsed.as_secs_f64()
+        );
     }
 
     for node in &nodes {
@@ -81,7 +99,12 @@ pub fn run(bins: &Path) -> Result<()> {
 
 /// Sends `len` bytes from a socket in `client` to one in `server`, checking every byte; returns
 /// what arrived and the time it took.
-fn tcp_transfer(client: &str, server: &str, server_ip: Ipv4Addr, len: usize) -> Result<(usize, Duration)> {
+fn tcp_transfer(
+    client: &str,
+    server: &str,
+    server_ip: Ipv4Addr,
+    len: usize,
+) -> Result<(usize, Duration)> {
     let listener = in_netns(server, || TcpListener::bind((server_ip, 0)))??;
     let addr = listener.local_addr()?;
     let receiver = thread::spawn(move || -> std::io::Result<usize> {
@@ -103,7 +126,9 @@ fn tcp_transfer(client: &str, server: &str, server_ip: Ipv4Addr, len: usize) -> 
         }
     });
     let start = Instant::now();
-    let mut conn = in_netns(client, || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))??;
+    let mut conn = in_netns(client, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    })??;
     let chunk: Vec<u8> = (0..=255u8).cycle().take(1 << 16).collect();
     for _ in 0..len / chunk.len() {
         conn.write_all(&chunk)?;

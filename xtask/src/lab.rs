@@ -50,7 +50,11 @@ impl Lab {
             nix::unistd::geteuid().is_root(),
             "the lab creates network namespaces and loads eBPF: run it as root"
         );
-        let lab = Lab { prefix, bins: bins.to_path_buf(), underlay: format!("{prefix}-underlay") };
+        let lab = Lab {
+            prefix,
+            bins: bins.to_path_buf(),
+            underlay: format!("{prefix}-underlay"),
+        };
         lab.remove();
         ip(&["netns", "add", &lab.underlay])?;
         ip(&["-n", &lab.underlay, "link", "add", "br0", "type", "bridge"])?;
@@ -65,8 +69,30 @@ impl Lab {
         let port = format!("p-{name}");
         self::ip(&["netns", "add", &ns])?;
         self::ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        self::ip(&["-n", &self.underlay, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        self::ip(&["-n", &self.underlay, "link", "set", &port, "master", "br0", "up"])?;
+        self::ip(&[
+            "-n",
+            &self.underlay,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
+        ])?;
+        self::ip(&[
+            "-n",
+            &self.underlay,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
         self::ip(&["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         self::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         let forward = format!("net.ipv4.ip_forward={}", u8::from(forwarding));
@@ -107,11 +133,24 @@ impl Lab {
     /// lines are printed as they come.
     pub fn start_agent(&self, node: &LabNode, cluster_file: &str, echo: bool) -> Result<Agent> {
         let socket = format!("{}/agent.sock", node.state);
-        let mut child = in_ns(&node.ns, self.bins.join("podwire-agent"), &["--cluster-file", cluster_file])
-            .args(["--node-name", &node.ns, "--state-dir", &node.state, "--socket", &socket, "--bpffs", &node.pins])
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting podwire-agent")?;
+        let mut child = in_ns(
+            &node.ns,
+            self.bins.join("podwire-agent"),
+            &["--cluster-file", cluster_file],
+        )
+        .args([
+            "--node-name",
+            &node.ns,
+            "--state-dir",
+            &node.state,
+            "--socket",
+            &socket,
+            "--bpffs",
+            &node.pins,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting podwire-agent")?;
         let stream = child.stderr.take().expect("stderr is piped");
         let (tx, lines) = mpsc::channel();
         let name = node.ns.clone();
@@ -135,11 +174,17 @@ impl Lab {
 
     /// Creates pod namespace `<node>-<name>` and wires it with CNI ADD; returns the namespace, its
     /// address and the ADD result.
-    pub fn add_pod(&self, node: &LabNode, name: &str) -> Result<(String, Ipv4Addr, serde_json::Value)> {
+    pub fn add_pod(
+        &self,
+        node: &LabNode,
+        name: &str,
+    ) -> Result<(String, Ipv4Addr, serde_json::Value)> {
         let pod = format!("{}-{name}", node.ns);
         ip(&["netns", "add", &pod])?;
         let result: serde_json::Value = serde_json::from_str(&self.cni(node, "ADD", &pod)?)?;
-        let address = result["ips"][0]["address"].as_str().context("ADD result has no IP")?;
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .context("ADD result has no IP")?;
         let pod_ip = address.split('/').next().unwrap_or_default().parse()?;
         Ok((pod, pod_ip, result))
     }
@@ -160,7 +205,11 @@ impl Lab {
             .stdout(Stdio::piped())
             .spawn()
             .context("executing podwire-cni")?;
-        child.stdin.take().expect("piped").write_all(conf.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(conf.as_bytes())?;
         let out = child.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         ensure!(out.status.success(), "CNI {command} {pod} failed: {stdout}");
@@ -169,17 +218,28 @@ impl Lab {
 
     /// Runs the `podwire` CLI on `node` with `args`, printing its output.
     pub fn podwire(&self, node: &LabNode, args: &[&str]) -> Result<()> {
-        let mut command = in_ns(&node.ns, self.bins.join("podwire"), &["--bpffs", &node.pins]);
+        let mut command = in_ns(
+            &node.ns,
+            self.bins.join("podwire"),
+            &["--bpffs", &node.pins],
+        );
         command.args(args);
         cmd::run(command)
     }
 
     fn remove(&self) {
-        let listed = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+        let listed = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
         for line in String::from_utf8_lossy(&listed).lines() {
             let ns = line.split_whitespace().next().unwrap_or_default();
             if ns.starts_with(&format!("{}-", self.prefix)) {
-                let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+                let _ = Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{}", self.prefix));
@@ -197,7 +257,8 @@ impl Agent {
     /// Stops the agent with SIGTERM and checks it exited cleanly.
     pub fn stop(mut self) -> Result<()> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("stopping the agent")?;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .context("stopping the agent")?;
         let status = self.child.wait()?;
         // Let the last log lines through.
         while self.lines.recv_timeout(Duration::from_millis(300)).is_ok() {}
@@ -217,7 +278,10 @@ impl Drop for Agent {
 /// remounting /sys, would hide).
 pub fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
     let mut command = Command::new("nsenter");
-    command.arg(format!("--net=/run/netns/{ns}")).arg(program).args(args);
+    command
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(program)
+        .args(args);
     command
 }
 

@@ -25,7 +25,10 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BUILD_PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "rustc 1.96 that can target bpfel-unknown-none"),
     ("cargo-web", "the cargo that drives it"),
-    ("libstd-rust-web-dev-bpf", "precompiled core for bpfel-unknown-none"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "precompiled core for bpfel-unknown-none",
+    ),
     ("llvm-22-dev", "LLVM 22 for bpf-linker"),
     ("libpolly-22-dev", "LLVM 22 for bpf-linker"),
     ("zlib1g-dev", "bpf-linker's LLVM link"),
@@ -34,7 +37,10 @@ const BUILD_PACKAGES: &[(&str, &str)] = &[
 
 /// Packages the kernel integration tests and the demo drive.
 const TEST_PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "network namespaces and veths for test nodes and pods"),
+    (
+        "iproute2",
+        "network namespaces and veths for test nodes and pods",
+    ),
     ("iputils-ping", "ICMP between test pods"),
     ("tcpdump", "captures on the test underlay"),
     ("nftables", "the agent's masquerade rules"),
@@ -123,7 +129,13 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     // The rustup cargo builds it; its default feature wants LLVM 23, which Debian does not ship.
     let mut install = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     install
-        .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", LLVM_PREFIX);
     run(install).context("cargo install bpf-linker")?;

@@ -21,8 +21,14 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use crate::{build, cmd::run, toolchain, workspace_root};
 
 const PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86", "emulates the machine that boots Debian's 6.1 kernel"),
-    ("busybox-static", "the shell and mount in the VM's initramfs"),
+    (
+        "qemu-system-x86",
+        "emulates the machine that boots Debian's 6.1 kernel",
+    ),
+    (
+        "busybox-static",
+        "the shell and mount in the VM's initramfs",
+    ),
     ("cpio", "packs the initramfs"),
 ];
 /// `podwire_agent::datapath::programs::ALL`, repeated because xtask does not depend on the agent;
@@ -44,7 +50,10 @@ pub fn verify() -> Result<()> {
     let initrd = initramfs(&dir, &verifier)?;
     let started = Instant::now();
     let serial = boot(&vmlinuz, &initrd)?;
-    eprintln!("xtask: the VM ran for {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask: the VM ran for {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     check(&serial)
 }
 
@@ -66,8 +75,12 @@ fn kernel(dir: &Path) -> Result<PathBuf> {
             let mut download = Command::new("apt-get");
             download.current_dir(dir).args(["-q", "download", &package]);
             run(download).with_context(|| format!("downloading {package}"))?;
-            cached_deb(dir, &package)?
-                .with_context(|| format!("apt-get download left no {package}_*.deb in {}", dir.display()))?
+            cached_deb(dir, &package)?.with_context(|| {
+                format!(
+                    "apt-get download left no {package}_*.deb in {}",
+                    dir.display()
+                )
+            })?
         }
     };
     // Unpacked aside and moved into place last, so an interrupted run leaves no half kernel.
@@ -75,7 +88,8 @@ fn kernel(dir: &Path) -> Result<PathBuf> {
     remove_dir(&unpacked)?;
     let mut extract = Command::new("dpkg-deb");
     extract.arg("-x").arg(&deb).arg(&unpacked);
-    run(extract).with_context(|| format!("unpacking {} (delete it to download again)", deb.display()))?;
+    run(extract)
+        .with_context(|| format!("unpacking {} (delete it to download again)", deb.display()))?;
     let inside = unpacked.join(format!("boot/vmlinuz-{release}"));
     fs::rename(&inside, &vmlinuz)
         .with_context(|| format!("moving {} to {}", inside.display(), vmlinuz.display()))?;
@@ -89,10 +103,18 @@ fn newest_kernel_package() -> Result<String> {
         .args(["search", "--names-only", pattern])
         .output()
         .context("running apt-cache search")?;
-    ensure!(out.status.success(), "apt-cache search {pattern} failed: {}", out.status);
+    ensure!(
+        out.status.success(),
+        "apt-cache search {pattern} failed: {}",
+        out.status
+    );
     // "linux-image-6.1.0-56-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud": newest ABI wins.
     let abi = |name: &str| -> Option<u32> {
-        name.strip_prefix("linux-image-6.1.0-")?.split('-').next()?.parse().ok()
+        name.strip_prefix("linux-image-6.1.0-")?
+            .split('-')
+            .next()?
+            .parse()
+            .ok()
     };
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -123,7 +145,14 @@ fn build_verifier() -> Result<PathBuf> {
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo
         .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "podwire-agent", "--bin", "podwire-verify"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "podwire-agent",
+            "--bin",
+            "podwire-verify",
+        ])
         // An explicit target keeps crt-static off build scripts and proc macros.
         .args(["--target", TARGET])
         .arg("--target-dir")
@@ -139,9 +168,13 @@ fn initramfs(dir: &Path, verifier: &Path) -> Result<PathBuf> {
     let root = dir.join("initramfs");
     remove_dir(&root)?;
     for sub in ["bin", "dev", "proc", "sys"] {
-        fs::create_dir_all(root.join(sub)).with_context(|| format!("creating {}", root.display()))?;
+        fs::create_dir_all(root.join(sub))
+            .with_context(|| format!("creating {}", root.display()))?;
     }
-    for (from, to) in [(Path::new("/bin/busybox"), "bin/busybox"), (verifier, "podwire-verify")] {
+    for (from, to) in [
+        (Path::new("/bin/busybox"), "bin/busybox"),
+        (verifier, "podwire-verify"),
+    ] {
         fs::copy(from, root.join(to)).with_context(|| format!("copying {}", from.display()))?;
     }
     // procfs for the kernel release, sysfs for the kernel's BTF and CPU list; nothing is pinned,
@@ -161,8 +194,13 @@ fn initramfs(dir: &Path, verifier: &Path) -> Result<PathBuf> {
         .context("making the VM's init executable")?;
     // The kernel hands init /dev/console as stdio; ours must not depend on the kernel's own
     // built-in initramfs providing it.
-    mknod(&root.join("dev/console"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), makedev(5, 1))
-        .context("creating dev/console in the initramfs (needs root)")?;
+    mknod(
+        &root.join("dev/console"),
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o600),
+        makedev(5, 1),
+    )
+    .context("creating dev/console in the initramfs (needs root)")?;
 
     let initrd = dir.join("initrd.gz");
     let out = File::create(&initrd).with_context(|| format!("creating {}", initrd.display()))?;
@@ -174,15 +212,28 @@ fn initramfs(dir: &Path, verifier: &Path) -> Result<PathBuf> {
         .spawn()
         .context("starting cpio")?;
     let cpio_out = cpio.stdout.take().expect("piped");
-    let mut gzip = Command::new("gzip").stdin(cpio_out).stdout(out).spawn().context("starting gzip")?;
+    let mut gzip = Command::new("gzip")
+        .stdin(cpio_out)
+        .stdout(out)
+        .spawn()
+        .context("starting gzip")?;
     let entries = ". bin bin/busybox dev dev/console proc sys init podwire-verify";
     let mut list = cpio.stdin.take().expect("piped");
-    list.write_all(entries.replace(' ', "\n").as_bytes()).context("listing files to cpio")?;
+    list.write_all(entries.replace(' ', "\n").as_bytes())
+        .context("listing files to cpio")?;
     drop(list);
     let cpio_status = cpio.wait().context("waiting for cpio")?;
     let gzip_status = gzip.wait().context("waiting for gzip")?;
-    ensure!(cpio_status.success(), "cpio failed packing {}: {cpio_status}", root.display());
-    ensure!(gzip_status.success(), "gzip failed writing {}: {gzip_status}", initrd.display());
+    ensure!(
+        cpio_status.success(),
+        "cpio failed packing {}: {cpio_status}",
+        root.display()
+    );
+    ensure!(
+        gzip_status.success(),
+        "gzip failed writing {}: {gzip_status}",
+        initrd.display()
+    );
     Ok(initrd)
 }
 
@@ -190,17 +241,26 @@ fn initramfs(dir: &Path, verifier: &Path) -> Result<PathBuf> {
 fn boot(vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>> {
     eprintln!("xtask: booting {} in qemu (TCG)", vmlinuz.display());
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-cpu", "max", "-m", "512", "-nographic", "-no-reboot"])
-        // The VM needs no network, and gets none.
-        .args(["-nic", "none"])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        // panic=-1 reboots on a panic, which -no-reboot turns into qemu exiting.
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    qemu.args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "512",
+        "-nographic",
+        "-no-reboot",
+    ])
+    // The VM needs no network, and gets none.
+    .args(["-nic", "none"])
+    .arg("-kernel")
+    .arg(vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    // panic=-1 reboots on a panic, which -no-reboot turns into qemu exiting.
+    .args(["-append", "console=ttyS0 panic=-1 quiet"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
     let mut child = qemu.spawn().with_context(|| format!("starting {qemu:?}"))?;
     let mut console = BufReader::new(child.stdout.take().expect("piped"));
     let (tx, rx) = mpsc::channel();
@@ -245,7 +305,11 @@ fn boot(vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>> {
         }
     }
     let status = child.wait().context("waiting for qemu")?;
-    ensure!(status.success(), "{qemu:?} failed: {status}; its serial console:\n{}", serial.join("\n"));
+    ensure!(
+        status.success(),
+        "{qemu:?} failed: {status}; its serial console:\n{}",
+        serial.join("\n")
+    );
     Ok(serial)
 }
 
@@ -263,8 +327,10 @@ fn check(serial: &[String]) -> Result<()> {
         "podwire-verify exited with {code} on Debian's 6.1 kernel: a program failed its verifier, \
          see its output above"
     );
-    let verified: BTreeSet<&str> =
-        serial.iter().filter_map(|line| line.strip_prefix("verified ")).collect();
+    let verified: BTreeSet<&str> = serial
+        .iter()
+        .filter_map(|line| line.strip_prefix("verified "))
+        .collect();
     let expected = BTreeSet::from(PROGRAMS);
     ensure!(
         verified == expected,
@@ -275,7 +341,10 @@ fn check(serial: &[String]) -> Result<()> {
         .iter()
         .find(|line| line.starts_with("podwire-verify: all "))
         .context("podwire-verify printed no summary line")?;
-    ensure!(summary.contains(" on kernel 6.1."), "not Debian's 6.1 kernel: {summary}");
+    ensure!(
+        summary.contains(" on kernel 6.1."),
+        "not Debian's 6.1 kernel: {summary}"
+    );
     eprintln!("xtask: every podwire program passed the verifier of Debian 12's 6.1 kernel");
     Ok(())
 }

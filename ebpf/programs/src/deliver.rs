@@ -13,7 +13,12 @@ const CHECK_OFFSET: usize = EthHdr::LEN + 10;
 
 /// Delivers the IPv4 packet whose header is `ip` to `dest`, counting it under `reason`.
 #[inline(always)]
-pub fn to_endpoint(ctx: &TcContext, ip: &Ipv4Hdr, dest: &Endpoint, reason: Reason) -> Result<Verdict, Verdict> {
+pub fn to_endpoint(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    dest: &Endpoint,
+    reason: Reason,
+) -> Result<Verdict, Verdict> {
     let (ttl, proto) = (ip.ttl, ip.proto);
     if ttl <= 1 {
         return Err((Reason::DropTtlExceeded, TC_ACT_SHOT as i32));
@@ -23,7 +28,8 @@ pub fn to_endpoint(ctx: &TcContext, ip: &Ipv4Hdr, dest: &Endpoint, reason: Reaso
     let old = u16::from_ne_bytes([ttl, proto]);
     let new = u16::from_ne_bytes([ttl - 1, proto]);
     let malformed = |_| (Reason::DropMalformed, TC_ACT_SHOT as i32);
-    ctx.l3_csum_replace(CHECK_OFFSET, u64::from(old), u64::from(new), 2).map_err(malformed)?;
+    ctx.l3_csum_replace(CHECK_OFFSET, u64::from(old), u64::from(new), 2)
+        .map_err(malformed)?;
     ctx.store(TTL_OFFSET, &(ttl - 1), 0).map_err(malformed)?;
     ctx.store(0, &pod_mac, 0).map_err(malformed)?;
     ctx.store(6, &host_mac, 0).map_err(malformed)?;

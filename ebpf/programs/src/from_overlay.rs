@@ -53,7 +53,12 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Verdict> {
     }
     // SAFETY: map values are only read here; the agent replaces them whole.
     if let Some(dest) = unsafe { ENDPOINTS_V1.get(&ip.dst_addr) } {
-        debug!(ctx, "from_overlay: {:i} -> {:i}: local pod", ip.src_addr(), ip.dst_addr());
+        debug!(
+            ctx,
+            "from_overlay: {:i} -> {:i}: local pod",
+            ip.src_addr(),
+            ip.dst_addr()
+        );
         return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay);
     }
     if node_of(ip.dst_addr).is_some_and(|n| n.flags & node_flags::LOCAL != 0) {

@@ -42,7 +42,10 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, Verdict> {
     match unsafe { ENDPOINTS_V1.get(&ip.src_addr) } {
         Some(ep) if ep.ifindex == ingress => {
             if ep.pod_mac != eth.src_addr {
-                debug!(ctx, "from_pod: drop, source MAC {:mac} is not the pod's", eth.src_addr);
+                debug!(
+                    ctx,
+                    "from_pod: drop, source MAC {:mac} is not the pod's", eth.src_addr
+                );
                 return Err((Reason::DropSpoofedMac, TC_ACT_SHOT as i32));
             }
         }
@@ -59,7 +62,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, Verdict> {
 
     // SAFETY: as above.
     if let Some(dest) = unsafe { ENDPOINTS_V1.get(&ip.dst_addr) } {
-        debug!(ctx, "from_pod: {:i} -> {:i}: local pod", ip.src_addr(), ip.dst_addr());
+        debug!(
+            ctx,
+            "from_pod: {:i} -> {:i}: local pod",
+            ip.src_addr(),
+            ip.dst_addr()
+        );
         return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectLocal);
     }
     match node_of(ip.dst_addr) {
@@ -82,7 +90,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, Verdict> {
                 .map_err(|_| (Reason::DropEncapFailed, TC_ACT_SHOT as i32))
         }
         _ => {
-            debug!(ctx, "from_pod: {:i} -> {:i}: to host stack", ip.src_addr(), ip.dst_addr());
+            debug!(
+                ctx,
+                "from_pod: {:i} -> {:i}: to host stack",
+                ip.src_addr(),
+                ip.dst_addr()
+            );
             Ok((Reason::PassToStack, TC_ACT_OK as i32))
         }
     }

@@ -29,7 +29,12 @@ pub fn set_key(ctx: &TcContext, node: &NodeEntry) -> Result<(), i64> {
     key.tunnel_ttl = 64;
     // SAFETY: key is a live stack object of at least KEY_SIZE bytes.
     let ret = unsafe {
-        bpf_skb_set_tunnel_key(ctx.skb.skb, &mut key, KEY_SIZE, u64::from(BPF_F_ZERO_CSUM_TX))
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            KEY_SIZE,
+            u64::from(BPF_F_ZERO_CSUM_TX),
+        )
     };
     if ret < 0 {
         return Err(ret);
