@@ -443,8 +443,10 @@ impl Daemon {
     }
 }
 
-/// Binds the API socket at `path`, replacing a stale one left by a previous run.
+/// Binds the API socket at `path`, replacing a stale one left by a previous run. Only root may
+/// connect: the API hands out addresses and deletes interfaces.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -452,5 +454,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }

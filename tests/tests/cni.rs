@@ -281,6 +281,9 @@ fn status_and_version() {
         status.success && status.stdout.is_empty(),
         "STATUS with the agent up: {status:?}"
     );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(node.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "only root may talk to the agent");
     let version = node.cni("VERSION", &[], br#"{"cniVersion":"1.1.0"}"#);
     assert!(version.success);
     let v = version.json();
