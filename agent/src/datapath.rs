@@ -47,8 +47,10 @@ pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS_V1";
     /// Pod CIDRs and underlay addresses to the node owning them (LPM trie).
     pub const NODES: &str = "NODES_V1";
+    /// Ring of dropped packets (read by `podwire events`, not by the agent).
+    pub const EVENTS: &str = "EVENTS_V1";
     /// The maps pinned in bpffs so they outlive the agent.
-    pub const PINNED: [&str; 3] = [COUNTERS, ENDPOINTS, NODES];
+    pub const PINNED: [&str; 4] = [COUNTERS, ENDPOINTS, NODES, EVENTS];
 }
 
 /// The VXLAN tunnel the programs send remote traffic into, fixed at load time.

@@ -3,6 +3,7 @@
 
 mod counters;
 mod endpoints;
+mod events;
 mod maps;
 mod nodes;
 mod output;
@@ -41,6 +42,15 @@ enum Command {
         #[arg(long)]
         nonzero: bool,
     },
+    /// Dropped packets, live, with reason and addresses (until interrupted).
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop once no event came for this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        idle: Option<u64>,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -58,6 +68,12 @@ fn main() -> Result<()> {
         Command::Counters { nonzero } => {
             output::print(cli.output, &counters::read(&pins, nonzero)?)
         }
+        Command::Events { count, idle } => events::follow(
+            &pins,
+            cli.output,
+            count,
+            idle.map(std::time::Duration::from_secs),
+        ),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

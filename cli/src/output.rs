@@ -30,3 +30,18 @@ pub fn print<R: Row>(format: Format, rows: &[R]) -> Result<()> {
     }
     Ok(())
 }
+
+/// One row of a stream, as it happens: a line of columns for people, a JSON object per line for
+/// scripts.
+pub fn print_line<R: Row>(format: Format, row: &R) -> Result<()> {
+    use std::io::Write as _;
+    let line = match format {
+        Format::Json => serde_json::to_string(row)?,
+        Format::Table => row.cells().join("  "),
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    // Streamed through a pipe, each event must show up when it happens.
+    out.flush()?;
+    Ok(())
+}

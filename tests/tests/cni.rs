@@ -161,6 +161,27 @@ fn a_pod_sending_with_another_pods_address_is_dropped_and_counted() {
         "each spoofed datagram dropped and counted"
     );
 
+    // Each drop is on the event ring, with its reason and addresses: `podwire events`.
+    let out = podwire_tests::run(
+        node.command(podwire_tests::bin("podwire"))
+            .arg("--bpffs")
+            .arg(&node.pins)
+            .args(["events", "-o", "json", "--idle", "2"]),
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .filter(|e: &serde_json::Value| e["reason"] == "drop-spoofed-ip")
+        .collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+    for e in &events {
+        assert_eq!(
+            (e["src"].as_str(), e["dst"].as_str()),
+            (Some(&*b.ip.to_string()), Some(&*c.ip.to_string()))
+        );
+        assert_eq!(e["proto"], 17);
+    }
+
     // a's own address still works.
     let honest = a.ns.run(|| std::net::UdpSocket::bind((a.ip, 0))).unwrap();
     honest.send_to(b"from a", target).unwrap();
@@ -282,7 +303,10 @@ fn status_and_version() {
         "STATUS with the agent up: {status:?}"
     );
     use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(node.socket()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(node.socket())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "only root may talk to the agent");
     let version = node.cni("VERSION", &[], br#"{"cniVersion":"1.1.0"}"#);
     assert!(version.success);

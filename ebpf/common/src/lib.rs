@@ -161,6 +161,28 @@ pub mod node_flags {
 /// Most entries of `NODES_V1`: a pod CIDR and an address per node, and the cluster range.
 pub const MAX_NODES: u32 = 16384;
 
+/// A dropped packet, as `EVENTS_V1` reports it to `podwire events`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `Reason as u32`.
+    pub reason: u32,
+    /// Interface the program ran on.
+    pub ifindex: u32,
+    /// Packet length (skb->len).
+    pub len: u32,
+    /// IPv4 source and destination, network byte order; zero when the packet has no IPv4 header.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// IPv4 protocol number; zero without an IPv4 header.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain-old-data, 24 bytes with explicit padding.
+unsafe impl aya::Pod for DropEvent {}
+
 /// Most endpoints one node holds (Kubernetes' default is 110 pods per node).
 pub const MAX_ENDPOINTS: u32 = 4096;
 
@@ -178,8 +200,10 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_has_no_padding() {
+    fn shared_types_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
+        assert_eq!(core::mem::size_of::<NodeEntry>(), 8);
+        assert_eq!(core::mem::size_of::<DropEvent>(), 24);
     }
 
     #[test]
