@@ -97,19 +97,24 @@ async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkMessage, Overl
         })
 }
 
-/// Creates the VXLAN device if it does not exist (collect_md, `port`, no learning, NOARP since
-/// the programs route by IP and rewrite MACs, `mtu`) and sets it up; returns its ifindex.
-pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32, OverlayError> {
-    let existing = handle
+/// ifindex of the VXLAN device, if it exists.
+async fn vxlan_index(handle: &Handle) -> Option<u32> {
+    let found = handle
         .link()
         .get()
         .match_name(VXLAN_DEV.to_owned())
         .execute()
         .try_next()
         .await;
-    let index = match existing {
-        Ok(Some(link)) => link.header.index,
-        _ => {
+    found.ok().flatten().map(|link| link.header.index)
+}
+
+/// Creates the VXLAN device if it does not exist (collect_md, `port`, no learning, NOARP since
+/// the programs route by IP and rewrite MACs, `mtu`) and sets it up; returns its ifindex.
+pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32, OverlayError> {
+    let index = match vxlan_index(handle).await {
+        Some(index) => index,
+        None => {
             let vxlan = LinkMessageBuilder::<LinkVxlan>::new(VXLAN_DEV)
                 .port(port)
                 .collect_metadata(true)
@@ -123,16 +128,12 @@ pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32, O
                 .execute()
                 .await
                 .map_err(netlink(format!("creating {VXLAN_DEV}")))?;
-            let link = handle
-                .link()
-                .get()
-                .match_name(VXLAN_DEV.to_owned())
-                .execute()
-                .try_next()
-                .await;
-            link.map_err(netlink(format!("reading {VXLAN_DEV}")))?
-                .map(|l| l.header.index)
-                .unwrap_or_default()
+            vxlan_index(handle)
+                .await
+                .ok_or_else(|| OverlayError::Netlink {
+                    what: format!("{VXLAN_DEV} vanished after creation"),
+                    source: rtnetlink::Error::RequestFailed,
+                })?
         }
     };
     // No IPv6 on the device: nothing would carry it (the programs tunnel IPv4 only).
