@@ -42,6 +42,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "network namespaces and veths for test nodes and pods",
     ),
     ("iputils-ping", "ICMP between test pods"),
+    ("procps", "sysctl for forwarding in test nodes"),
     ("tcpdump", "captures on the test underlay"),
     ("nftables", "the agent's masquerade rules"),
 ];
