@@ -42,6 +42,24 @@ fn add_result_follows_the_spec_and_the_pod_is_addressed_as_it_says() {
     );
     assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
     assert_eq!(r["routes"][0]["gw"], "169.254.1.1");
+    // The plugin configuration's MTU wins over the node's.
+    let mut conf = node.conf();
+    conf["mtu"] = 1400.into();
+    let small = NetNs::new("pod");
+    let netns = format!("/run/netns/{}", small.name());
+    let env = [
+        ("CNI_CONTAINERID", "c-mtu"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", netns.as_str()),
+    ];
+    let out = node.cni("ADD", &env, conf.to_string().as_bytes());
+    assert!(out.success, "{out:?}");
+    assert_eq!(out.json()["interfaces"][1]["mtu"], 1400);
+    let link = small.ip(&["-j", "link", "show", "dev", "eth0"]);
+    let link: serde_json::Value = serde_json::from_slice(&link.stdout).unwrap();
+    assert_eq!(link[0]["mtu"], 1400, "the pod's interface has it");
+    assert!(node.cni("DEL", &env, conf.to_string().as_bytes()).success);
+
     let host_veth = r["interfaces"][0]["name"].as_str().unwrap();
     assert_eq!(node.host_veths(), [host_veth]);
 
@@ -377,6 +395,20 @@ fn bad_input_gets_the_specs_errors_and_leaves_nothing_behind() {
         .cni("ADD", &env, ipam.to_string().as_bytes())
         .expect_error(2);
     assert!(msg.contains("ipam"), "{msg}");
+
+    let mut tiny_mtu = node.conf();
+    tiny_mtu["mtu"] = 100.into();
+    let msg = node
+        .cni("ADD", &env, tiny_mtu.to_string().as_bytes())
+        .expect_error(7);
+    assert!(msg.contains("mtu 100"), "{msg}");
+
+    let mut nameless = node.conf();
+    nameless.as_object_mut().unwrap().remove("name");
+    let msg = node
+        .cni("ADD", &env, nameless.to_string().as_bytes())
+        .expect_error(7);
+    assert!(msg.contains("name"), "{msg}");
 
     node.stop_agent();
     let msg = node
