@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     process::Command,
     thread,
@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{ensure, Result};
 
-use crate::lab::{in_netns, Lab};
+use crate::lab::{in_netns, ip, Lab};
 
 const PODS_PER_NODE: usize = 2;
 
@@ -76,6 +76,22 @@ pub fn run(bins: &Path) -> Result<()> {
             elapsed.as_secs_f64()
         );
     }
+
+    let (spoofer, victim) = (&pods[0].0, pods[1].1);
+    println!("== {spoofer} sends from {victim}, another pod's address: dropped, and reported");
+    ip(&[
+        "-n",
+        spoofer,
+        "addr",
+        "add",
+        &format!("{victim}/32"),
+        "dev",
+        "eth0",
+    ])?;
+    let socket = in_netns(spoofer, || UdpSocket::bind((victim, 0)))??;
+    socket.send_to(b"not mine", (pods[PODS_PER_NODE].1, 9))?;
+    println!("== {}: podwire events --idle 1", nodes[0].ns);
+    lab.podwire(&nodes[0], &["events", "--idle", "1"])?;
 
     for node in &nodes {
         for verb in [&["nodes"][..], &["endpoints"], &["counters", "--nonzero"]] {
