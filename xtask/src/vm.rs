@@ -1,6 +1,8 @@
 //! `cargo xtask vm-verify`: boots Debian 12's own 6.1 LTS kernel in qemu with an initramfs whose
 //! init runs `podwire-verify`, so every eBPF program goes through the verifier of the kernel users
-//! run, not only this machine's. KVM does not work on these machines: qemu emulates (TCG).
+//! run, not only this machine's, and pods exchange packets through the datapath attached with
+//! netlink tc, as kernels before 6.6 (no TCX) need. KVM does not work on these machines: qemu
+//! emulates (TCG).
 //! See ../shared/TOOLCHAIN.md, "Other kernels".
 
 use std::{
@@ -34,8 +36,17 @@ const PACKAGES: &[(&str, &str)] = &[
 /// `podwire_agent::datapath::programs::ALL`, repeated because xtask does not depend on the agent;
 /// the check below fails if podwire-verify reports any other set.
 const PROGRAMS: [&str; 3] = ["from_pod", "from_overlay", "to_overlay"];
+/// What podwire-verify's pod-to-pod check needs that Debian's cloud kernel builds as modules
+/// (paths below lib/modules/<release>/kernel; none depends on another): veth, and clsact and the
+/// bpf classifier for netlink tc.
+const MODULES: [&str; 3] = [
+    "drivers/net/veth.ko",
+    "net/sched/sch_ingress.ko",
+    "net/sched/cls_bpf.ko",
+];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
-/// Booting takes seconds and emulated verification little more; beyond this the VM is stuck.
+/// Booting takes seconds and emulated verification and delivery little more; beyond this the VM
+/// is stuck.
 const TIMEOUT: Duration = Duration::from_secs(180);
 /// Printed by the VM's init around podwire-verify's output.
 const START: &str = "podwire-vm: running podwire-verify";
@@ -45,11 +56,11 @@ pub fn verify() -> Result<()> {
     toolchain::ensure_packages(PACKAGES)?;
     let dir = workspace_root().join("target/vm");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let vmlinuz = kernel(&dir)?;
+    let kernel = kernel(&dir)?;
     let verifier = build_verifier()?;
-    let initrd = initramfs(&dir, &verifier)?;
+    let initrd = initramfs(&dir, &verifier, &kernel.modules)?;
     let started = Instant::now();
-    let serial = boot(&vmlinuz, &initrd)?;
+    let serial = boot(&kernel.vmlinuz, &initrd)?;
     eprintln!(
         "xtask: the VM ran for {:.1} s",
         started.elapsed().as_secs_f64()
@@ -57,16 +68,29 @@ pub fn verify() -> Result<()> {
     check(&serial)
 }
 
+/// A kernel image and the [`MODULES`] of its release.
+struct Kernel {
+    vmlinuz: PathBuf,
+    modules: Vec<PathBuf>,
+}
+
 /// The newest Debian 6.1 cloud kernel in apt's lists, downloaded and unpacked once into `dir`.
-fn kernel(dir: &Path) -> Result<PathBuf> {
+fn kernel(dir: &Path) -> Result<Kernel> {
     let package = newest_kernel_package()?;
     let release = package
         .strip_prefix("linux-image-")
         .and_then(|rest| rest.strip_suffix("-unsigned"))
         .expect("the search pattern fixes prefix and suffix");
-    let vmlinuz = dir.join(format!("vmlinuz-{release}"));
-    if vmlinuz.exists() {
-        return Ok(vmlinuz);
+    let modules_dir = dir.join(format!("modules-{release}"));
+    let kernel = Kernel {
+        vmlinuz: dir.join(format!("vmlinuz-{release}")),
+        modules: MODULES
+            .iter()
+            .map(|module| modules_dir.join(Path::new(module).file_name().expect("a file")))
+            .collect(),
+    };
+    if kernel.vmlinuz.exists() && kernel.modules.iter().all(|m| m.exists()) {
+        return Ok(kernel);
     }
     let deb = match cached_deb(dir, &package)? {
         Some(deb) => deb,
@@ -90,11 +114,23 @@ fn kernel(dir: &Path) -> Result<PathBuf> {
     extract.arg("-x").arg(&deb).arg(&unpacked);
     run(extract)
         .with_context(|| format!("unpacking {} (delete it to download again)", deb.display()))?;
-    let inside = unpacked.join(format!("boot/vmlinuz-{release}"));
-    fs::rename(&inside, &vmlinuz)
-        .with_context(|| format!("moving {} to {}", inside.display(), vmlinuz.display()))?;
+    fs::create_dir_all(&modules_dir)
+        .with_context(|| format!("creating {}", modules_dir.display()))?;
+    let modules = unpacked.join(format!("lib/modules/{release}/kernel"));
+    let moves = MODULES
+        .iter()
+        .map(|module| modules.join(module))
+        .zip(&kernel.modules)
+        .chain([(
+            unpacked.join(format!("boot/vmlinuz-{release}")),
+            &kernel.vmlinuz,
+        )]);
+    for (inside, to) in moves {
+        fs::rename(&inside, to)
+            .with_context(|| format!("moving {} to {}", inside.display(), to.display()))?;
+    }
     remove_dir(&unpacked)?;
-    Ok(vmlinuz)
+    Ok(kernel)
 }
 
 fn newest_kernel_package() -> Result<String> {
@@ -163,27 +199,46 @@ fn build_verifier() -> Result<PathBuf> {
     Ok(target_dir.join(TARGET).join("release/podwire-verify"))
 }
 
-/// Packs busybox, podwire-verify and an init running it into `dir`/initrd.gz (newc cpio, gzip).
-fn initramfs(dir: &Path, verifier: &Path) -> Result<PathBuf> {
+/// Packs busybox, podwire-verify, `modules` and an init loading them and running podwire-verify
+/// into `dir`/initrd.gz (newc cpio, gzip).
+fn initramfs(dir: &Path, verifier: &Path, modules: &[PathBuf]) -> Result<PathBuf> {
     let root = dir.join("initramfs");
     remove_dir(&root)?;
-    for sub in ["bin", "dev", "proc", "sys"] {
+    let dirs = ["bin", "dev", "proc", "sys", "modules"];
+    for sub in dirs {
         fs::create_dir_all(root.join(sub))
             .with_context(|| format!("creating {}", root.display()))?;
     }
-    for (from, to) in [
-        (Path::new("/bin/busybox"), "bin/busybox"),
-        (verifier, "podwire-verify"),
-    ] {
+    let modules: Vec<(&Path, String)> = modules
+        .iter()
+        .map(|module| {
+            let name = module.file_name().expect("a file").to_string_lossy();
+            (module.as_path(), format!("modules/{name}"))
+        })
+        .collect();
+    let files: Vec<(&Path, String)> = [
+        (Path::new("/bin/busybox"), "bin/busybox".to_owned()),
+        (verifier, "podwire-verify".to_owned()),
+    ]
+    .into_iter()
+    .chain(modules.iter().cloned())
+    .collect();
+    for (from, to) in &files {
         fs::copy(from, root.join(to)).with_context(|| format!("copying {}", from.display()))?;
     }
-    // procfs for the kernel release, sysfs for the kernel's BTF and CPU list; nothing is pinned,
-    // so no bpffs. Powering off makes qemu exit (-no-reboot).
+    let insmod: String = modules
+        .iter()
+        .map(|(_, to)| format!("/bin/busybox insmod /{to}\n"))
+        .collect();
+    // procfs for the kernel release and sysctls, sysfs for the kernel's BTF and CPU list; nothing
+    // is pinned, so no bpffs. The modules load after START so that their errors are echoed.
+    // Powering off makes qemu exit (-no-reboot).
     let init = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox mount -t proc proc /proc\n\
          /bin/busybox mount -t sysfs sysfs /sys\n\
          echo '{START}'\n\
+         {insmod}\
          /podwire-verify\n\
          echo \"{EXIT}$?\"\n\
          /bin/busybox poweroff -f\n"
@@ -217,9 +272,13 @@ fn initramfs(dir: &Path, verifier: &Path) -> Result<PathBuf> {
         .stdout(out)
         .spawn()
         .context("starting gzip")?;
-    let entries = ". bin bin/busybox dev dev/console proc sys init podwire-verify";
+    let entries: Vec<&str> = [".", "dev/console", "init"]
+        .into_iter()
+        .chain(dirs)
+        .chain(files.iter().map(|(_, to)| to.as_str()))
+        .collect();
     let mut list = cpio.stdin.take().expect("piped");
-    list.write_all(entries.replace(' ', "\n").as_bytes())
+    list.write_all(entries.join("\n").as_bytes())
         .context("listing files to cpio")?;
     drop(list);
     let cpio_status = cpio.wait().context("waiting for cpio")?;
@@ -313,7 +372,8 @@ fn boot(vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>> {
     Ok(serial)
 }
 
-/// Fails unless podwire-verify exited 0, reported exactly [`PROGRAMS`] verified, on a 6.1 kernel.
+/// Fails unless podwire-verify exited 0, reported exactly [`PROGRAMS`] verified, on a 6.1 kernel,
+/// and reported pods exchanging packets through netlink tc.
 fn check(serial: &[String]) -> Result<()> {
     let Some(code) = serial.iter().find_map(|line| line.strip_prefix(EXIT)) else {
         bail!(
@@ -324,8 +384,8 @@ fn check(serial: &[String]) -> Result<()> {
     };
     ensure!(
         code == "0",
-        "podwire-verify exited with {code} on Debian's 6.1 kernel: a program failed its verifier, \
-         see its output above"
+        "podwire-verify exited with {code} on Debian's 6.1 kernel: a program failed its verifier \
+         or pods could not exchange packets through the datapath, see its output above"
     );
     let verified: BTreeSet<&str> = serial
         .iter()
@@ -345,7 +405,17 @@ fn check(serial: &[String]) -> Result<()> {
         summary.contains(" on kernel 6.1."),
         "not Debian's 6.1 kernel: {summary}"
     );
-    eprintln!("xtask: every podwire program passed the verifier of Debian 12's 6.1 kernel");
+    ensure!(
+        serial.iter().any(|line| {
+            line.starts_with("podwire-verify: delivered ")
+                && line.ends_with(" via netlink tc, forwarding off")
+        }),
+        "podwire-verify exited 0 but reported no pod-to-pod delivery through netlink tc"
+    );
+    eprintln!(
+        "xtask: every podwire program passed the verifier of Debian 12's 6.1 kernel, and pods \
+         exchanged packets through from_pod attached with netlink tc"
+    );
     Ok(())
 }
 
