@@ -10,3 +10,4 @@ pub mod mac;
 pub mod overlay;
 pub mod pins;
 pub mod state;
+pub mod wiring;

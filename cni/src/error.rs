@@ -56,3 +56,15 @@ impl From<podwire_agent::api::ClientError> for CniError {
         CniError::new(code, e.to_string())
     }
 }
+
+impl From<podwire_agent::wiring::WiringError> for CniError {
+    fn from(e: podwire_agent::wiring::WiringError) -> CniError {
+        use podwire_agent::wiring::WiringError;
+        let code = match &e {
+            WiringError::Netns { .. } => code::INVALID_ENV,
+            WiringError::Check(_) => code::CHECK_FAILED,
+            WiringError::Netlink { .. } | WiringError::Missing(_) => code::IO_FAILURE,
+        };
+        CniError::new(code, e.to_string())
+    }
+}

@@ -6,17 +6,18 @@ mod config;
 mod error;
 mod result;
 mod version;
-mod wire;
 
 use std::{io::Read as _, process::ExitCode};
 
-use podwire_agent::api::{self, Attachment, Reply, Request};
+use podwire_agent::{
+    api::{self, Attachment, Reply, Request},
+    wiring::{self as wire, Netlink, GATEWAY},
+};
 
 use crate::{
     config::NetConf,
     error::{code, CniError},
     result::{CniResult, Interface, IpConfig, Route},
-    wire::{Netlink, GATEWAY},
 };
 
 fn main() -> ExitCode {
@@ -214,17 +215,17 @@ async fn check(conf: &NetConf) -> Result<(), CniError> {
         .wiring
         .as_ref()
         .expect("the agent checks registered endpoints only");
-    let netlink =
-        Netlink::open(Some(&netns)).map_err(|e| CniError::new(code::CONTAINER_UNKNOWN, e.msg))?;
+    let netlink = Netlink::open(Some(&netns))
+        .map_err(|e| CniError::new(code::CONTAINER_UNKNOWN, e.to_string()))?;
     if !netlink.host_veth_exists(&wiring.host_ifname).await? {
         return Err(CniError::new(
             code::CHECK_FAILED,
             format!("host-side veth {} is missing", wiring.host_ifname),
         ));
     }
-    netlink
+    Ok(netlink
         .check_pod(&attachment.ifname, endpoint.ip, wiring.host_mac)
-        .await
+        .await?)
 }
 
 fn status(conf: &NetConf) -> Result<(), CniError> {

@@ -8,8 +8,7 @@
 
 use std::{
     fs::File,
-    future::Future,
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     path::Path,
     thread,
@@ -17,22 +16,15 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
-use futures::TryStreamExt as _;
 use nix::sched::{setns, unshare, CloneFlags};
-use podwire_agent::datapath::{programs, Datapath, Hook, LogLevel, Overlay};
-use podwire_common::{Endpoint, Reason};
-use rtnetlink::{
-    packet_route::{
-        link::{InfoData, InfoKind, InfoVeth, LinkAttribute},
-        neighbour::NeighbourState,
-        route::RouteScope,
-    },
-    Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+use podwire_agent::{
+    datapath::{programs, Datapath, Hook, LogLevel, Overlay},
+    wiring::Netlink,
 };
+use podwire_common::{Endpoint, Reason};
 
-/// The pods' gateway, as the CNI plugin sets it up.
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const POD_IF: &str = "eth0";
+const MTU: u32 = 1500;
 const PORT: u16 = 7777;
 /// Payload sizes sent each way, up to the largest that fits a 1500-byte MTU unfragmented.
 const SIZES: [usize; 8] = [1, 18, 64, 200, 512, 1000, 1400, 1472];
@@ -188,8 +180,8 @@ fn counters(datapath: &Datapath) -> String {
     }
 }
 
-/// Creates a pod: a network namespace, the veth pair (`host_if` in the node, eth0 in the pod) and
-/// podwire's addressing (README, "How a pod is wired").
+/// Creates a pod: a network namespace, and the veth pair and addressing exactly as the CNI plugin
+/// makes them (`podwire_agent::wiring`), `host_if` in the node and eth0 in the pod.
 fn wire_pod(host_if: &'static str, ip: Ipv4Addr) -> Result<Pod> {
     let ns = thread::spawn(|| -> Result<File> {
         unshare(CloneFlags::CLONE_NEWNET)?;
@@ -198,93 +190,29 @@ fn wire_pod(host_if: &'static str, ip: Ipv4Addr) -> Result<Pod> {
     .join()
     .expect("the namespace thread does not panic")
     .context("creating a network namespace")?;
-
-    let pod_ns = ns.as_raw_fd();
-    let (host_index, host_mac) = with_netlink(|node| async move {
-        let peer = LinkMessageBuilder::<LinkUnspec>::new()
-            .name(POD_IF)
-            .setns_by_fd(pod_ns)
-            .build();
-        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(host_if)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        node.link()
-            .add(veth)
-            .execute()
-            .await
-            .with_context(|| format!("creating veth {host_if}"))?;
-        let (index, mac) = link(&node, host_if).await?;
-        node.link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .with_context(|| format!("setting {host_if} up"))?;
-        let to_pod = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(ip, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .build();
-        node.route()
-            .add(to_pod)
-            .execute()
-            .await
-            .with_context(|| format!("route to {ip} via {host_if}"))?;
-        Ok((index, mac))
-    })?;
-
-    let pod_mac = in_netns(&ns, || {
-        with_netlink(|pod| async move {
-            let (index, mac) = link(&pod, POD_IF).await?;
-            pod.address()
-                .add(index, IpAddr::V4(ip), 32)
-                .execute()
+    // The namespace has no name: the wiring reaches it through this process's open file.
+    let netns = format!("/proc/self/fd/{}", ns.as_raw_fd());
+    let (host_mac, pod_mac) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting a tokio runtime")?
+        .block_on(async {
+            Netlink::open(Some(&netns))?
+                .create(host_if, POD_IF, ip, MTU)
                 .await
-                .with_context(|| format!("adding {ip}/32 to {POD_IF}"))?;
-            pod.link()
-                .set(LinkUnspec::new_with_index(index).up().build())
-                .execute()
-                .await
-                .with_context(|| format!("setting {POD_IF} up"))?;
-            pod.neighbours()
-                .add(index, IpAddr::V4(GATEWAY))
-                .link_layer_address(&host_mac)
-                .state(NeighbourState::Permanent)
-                .execute()
-                .await
-                .context("neighbour entry for the gateway")?;
-            let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(GATEWAY, 32)
-                .output_interface(index)
-                .scope(RouteScope::Link)
-                .build();
-            pod.route()
-                .add(to_gateway)
-                .execute()
-                .await
-                .context("route to the gateway")?;
-            let default = RouteMessageBuilder::<Ipv4Addr>::new()
-                .gateway(GATEWAY)
-                .output_interface(index)
-                .build();
-            pod.route()
-                .add(default)
-                .execute()
-                .await
-                .context("default route via the gateway")?;
-            Ok(mac)
         })
-    })?;
-
+        .with_context(|| format!("wiring {host_if} and {POD_IF} for {ip}"))?;
+    let ifindex =
+        nix::net::if_::if_nametoindex(host_if).with_context(|| format!("ifindex of {host_if}"))?;
     Ok(Pod {
         ns,
         ip,
         host_if,
         endpoint: Endpoint {
-            ifindex: host_index,
+            ifindex,
             flags: 0,
-            pod_mac,
-            host_mac,
+            pod_mac: pod_mac.0,
+            host_mac: host_mac.0,
         },
     })
 }
@@ -300,43 +228,4 @@ fn in_netns<R: Send>(ns: &File, f: impl FnOnce() -> Result<R> + Send) -> Result<
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
-}
-
-/// Runs `f` with a netlink connection in the calling thread's namespace.
-fn with_netlink<R, Fut>(f: impl FnOnce(Handle) -> Fut) -> Result<R>
-where
-    Fut: Future<Output = Result<R>>,
-{
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .context("starting a tokio runtime")?
-        .block_on(async {
-            let (connection, handle, _) =
-                rtnetlink::new_connection().context("opening a netlink socket")?;
-            tokio::spawn(connection);
-            f(handle).await
-        })
-}
-
-/// ifindex and MAC of the link `name`.
-async fn link(handle: &Handle, name: &str) -> Result<(u32, [u8; 6])> {
-    let found = handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .with_context(|| format!("looking up {name}"))?
-        .with_context(|| format!("{name} does not exist"))?;
-    let mac = found
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Address(bytes) => bytes.as_slice().try_into().ok(),
-            _ => None,
-        })
-        .with_context(|| format!("{name} has no MAC address"))?;
-    Ok((found.header.index, mac))
 }

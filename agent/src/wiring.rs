@@ -1,4 +1,5 @@
-//! The veth pair and pod addressing, through rtnetlink. Netlink sockets belong to the namespace
+//! The veth pair and pod addressing, through rtnetlink: what the CNI plugin does to wire a pod
+//! (and `podwire-verify` on other kernels). Netlink sockets belong to the namespace
 //! they are opened in, so the pod's is opened after entering the pod's netns.
 //!
 //! Pod addressing follows Calico: the pod's address is a /32, its default route goes via
@@ -14,7 +15,7 @@ use std::{
 
 use futures::TryStreamExt as _;
 use nix::sched::{setns, CloneFlags};
-use podwire_agent::{api::Attachment, mac::Mac};
+
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
@@ -26,7 +27,28 @@ use rtnetlink::{
 };
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{code, CniError};
+use crate::{api::Attachment, mac::Mac};
+
+/// Errors of wiring a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum WiringError {
+    /// The pod's network namespace could not be opened or entered.
+    #[error("network namespace {path}: {message}")]
+    Netns { path: String, message: String },
+    /// A netlink request failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// Something the wiring needs is not there (a socket, a link that should exist).
+    #[error("{0}")]
+    Missing(String),
+    /// A wired pod is not as ADD left it.
+    #[error("{0}")]
+    Check(String),
+}
 
 /// The pods' gateway: link-local, the same on every node, never on the wire.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -39,14 +61,17 @@ pub fn host_ifname(attachment: &Attachment) -> String {
     format!("pw{}", &hex[..11])
 }
 
-fn io_err(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> CniError {
-    move |e| CniError::new(code::IO_FAILURE, format!("{what}: {e}"))
+fn io_err(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> WiringError {
+    move |source| WiringError::Netlink {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// Opens a netlink connection in the calling thread's namespace.
-fn connect() -> Result<Handle, CniError> {
+fn connect() -> Result<Handle, WiringError> {
     let (connection, handle, _) = rtnetlink::new_connection()
-        .map_err(|e| CniError::new(code::IO_FAILURE, format!("opening a netlink socket: {e}")))?;
+        .map_err(|e| WiringError::Missing(format!("opening a netlink socket: {e}")))?;
     tokio::spawn(connection);
     Ok(handle)
 }
@@ -58,14 +83,15 @@ pub struct Netlink {
 }
 
 impl Netlink {
-    /// Connects in the current namespace and, given `netns`, in that one.
-    pub fn open(netns: Option<&str>) -> Result<Netlink, CniError> {
+    /// Connects in the current namespace and, given `netns`, in that one. Needs a tokio runtime.
+    pub fn open(netns: Option<&str>) -> Result<Netlink, WiringError> {
         let host = connect()?;
         let pod = match netns {
             None => None,
             Some(path) => {
-                let ns = File::open(path).map_err(|e| {
-                    CniError::new(code::INVALID_ENV, format!("CNI_NETNS {path}: {e}"))
+                let ns = File::open(path).map_err(|e| WiringError::Netns {
+                    path: path.to_owned(),
+                    message: e.to_string(),
                 })?;
                 Some((Self::connect_in(&ns, path)?, ns))
             }
@@ -73,16 +99,13 @@ impl Netlink {
         Ok(Netlink { host, pod })
     }
 
-    fn connect_in(ns: &File, path: &str) -> Result<Handle, CniError> {
-        let enter_err = |e: nix::Error| {
-            CniError::new(code::INVALID_ENV, format!("entering CNI_NETNS {path}: {e}"))
+    fn connect_in(ns: &File, path: &str) -> Result<Handle, WiringError> {
+        let enter_err = |e: nix::Error| WiringError::Netns {
+            path: path.to_owned(),
+            message: format!("entering it: {e}"),
         };
-        let here = File::open("/proc/thread-self/ns/net").map_err(|e| {
-            CniError::new(
-                code::IO_FAILURE,
-                format!("opening this thread's netns: {e}"),
-            )
-        })?;
+        let here = File::open("/proc/thread-self/ns/net")
+            .map_err(|e| WiringError::Missing(format!("opening this thread's netns: {e}")))?;
         setns(ns, CloneFlags::CLONE_NEWNET).map_err(enter_err)?;
         let handle = connect();
         // Back to the node's namespace whatever happened; nothing else may run in the pod's.
@@ -102,7 +125,7 @@ impl Netlink {
         ifname: &str,
         ip: Ipv4Addr,
         mtu: u32,
-    ) -> Result<(Mac, Mac), CniError> {
+    ) -> Result<(Mac, Mac), WiringError> {
         let (_, ns) = self.pod.as_ref().expect("opened with a netns");
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(ifname)
@@ -122,10 +145,7 @@ impl Netlink {
             .map_err(io_err(format!("creating veth {host_ifname}")))?;
 
         let host_link = link(&self.host, host_ifname).await?.ok_or_else(|| {
-            CniError::new(
-                code::IO_FAILURE,
-                format!("veth {host_ifname} vanished after creation"),
-            )
+            WiringError::Missing(format!("veth {host_ifname} vanished after creation"))
         })?;
         let host_index = host_link.header.index;
         let host_mac = mac_of(&host_link)?;
@@ -149,10 +169,7 @@ impl Netlink {
 
         let pod = self.pod();
         let pod_link = link(pod, ifname).await?.ok_or_else(|| {
-            CniError::new(
-                code::IO_FAILURE,
-                format!("{ifname} did not appear in the pod's netns"),
-            )
+            WiringError::Missing(format!("{ifname} did not appear in the pod's netns"))
         })?;
         let index = pod_link.header.index;
         let pod_mac = mac_of(&pod_link)?;
@@ -196,7 +213,7 @@ impl Netlink {
     }
 
     /// Deletes the host-side veth (its peer in the pod goes with it); a missing one is fine.
-    pub async fn delete_host_veth(&self, host_ifname: &str) -> Result<(), CniError> {
+    pub async fn delete_host_veth(&self, host_ifname: &str) -> Result<(), WiringError> {
         let Some(found) = link(&self.host, host_ifname).await? else {
             return Ok(());
         };
@@ -207,7 +224,7 @@ impl Netlink {
     }
 
     /// Whether the host-side veth exists.
-    pub async fn host_veth_exists(&self, host_ifname: &str) -> Result<bool, CniError> {
+    pub async fn host_veth_exists(&self, host_ifname: &str) -> Result<bool, WiringError> {
         Ok(link(&self.host, host_ifname).await?.is_some())
     }
 
@@ -218,8 +235,8 @@ impl Netlink {
         ifname: &str,
         ip: Ipv4Addr,
         host_mac: Mac,
-    ) -> Result<(), CniError> {
-        let failed = |msg: String| CniError::new(code::CHECK_FAILED, msg);
+    ) -> Result<(), WiringError> {
+        let failed = WiringError::Check;
         let pod = self.pod();
         let found = link(pod, ifname)
             .await?
@@ -289,7 +306,7 @@ impl Netlink {
 }
 
 /// The link named `name`, if it exists.
-async fn link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, CniError> {
+async fn link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, WiringError> {
     match handle
         .link()
         .get()
@@ -304,7 +321,7 @@ async fn link(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, CniErr
     }
 }
 
-fn mac_of(link: &LinkMessage) -> Result<Mac, CniError> {
+fn mac_of(link: &LinkMessage) -> Result<Mac, WiringError> {
     link.attributes
         .iter()
         .find_map(|a| match a {
@@ -312,9 +329,6 @@ fn mac_of(link: &LinkMessage) -> Result<Mac, CniError> {
             _ => None,
         })
         .ok_or_else(|| {
-            CniError::new(
-                code::IO_FAILURE,
-                format!("link {} has no MAC address", link.header.index),
-            )
+            WiringError::Missing(format!("link {} has no MAC address", link.header.index))
         })
 }
