@@ -480,11 +480,7 @@ impl Datapath {
             .into_iter()
             .map(|reason| {
                 let per_cpu = counters.get(&(reason as u32), 0).map_err(map_err)?;
-                let total = per_cpu.iter().fold(Counter::default(), |sum, c| Counter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                });
-                Ok((reason, total))
+                Ok((reason, per_cpu.iter().copied().sum()))
             })
             .collect()
     }

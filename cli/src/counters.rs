@@ -48,9 +48,7 @@ pub fn read(pins: &Pins, nonzero: bool) -> Result<Vec<CounterRow>> {
                 pins.map(COUNTERS).display()
             )
         })?;
-        let (packets, bytes) = per_cpu
-            .iter()
-            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        let Counter { packets, bytes } = per_cpu.iter().copied().sum();
         if nonzero && packets == 0 {
             continue;
         }

@@ -564,14 +564,7 @@ impl Node {
             aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
                 .expect("counter map");
         let per_cpu = map.get(&(reason as u32), 0).expect("counter");
-        per_cpu
-            .iter()
-            .fold(podwire_common::Counter::default(), |sum, c| {
-                podwire_common::Counter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                }
-            })
+        per_cpu.iter().copied().sum()
     }
 
     /// Names of the host-side veths the plugin made in this node.

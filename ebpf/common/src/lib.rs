@@ -112,6 +112,16 @@ pub struct Counter {
 // SAFETY: plain-old-data with no padding (two u64).
 unsafe impl aya::Pod for Counter {}
 
+/// Per-CPU values add up to the node's total.
+impl core::iter::Sum for Counter {
+    fn sum<I: Iterator<Item = Counter>>(iter: I) -> Counter {
+        iter.fold(Counter::default(), |sum, c| Counter {
+            packets: sum.packets + c.packets,
+            bytes: sum.bytes + c.bytes,
+        })
+    }
+}
+
 /// Key of `ENDPOINTS_V1`: a pod's IPv4 address, in network byte order as it stands in packets.
 pub type EndpointKey = [u8; 4];
 
