@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::{
     api::{ApiError, Attachment, ErrorKind, Reply, Request},
     cluster::{Cluster, NodeInfo},
-    datapath::{Datapath, DatapathError, Hook},
+    datapath::{self, Datapath, DatapathError, Hook},
     overlay::{self, VXLAN_DEV},
     pins::Pins,
     state::{EndpointRecord, State, StateError, Wiring},
@@ -315,17 +315,7 @@ impl Daemon {
 
     /// Writes the endpoint map entry and attaches `from_pod` to the host-side veth.
     fn wire(&mut self, ip: Ipv4Addr, wiring: &Wiring) -> Result<(), ApiError> {
-        let ifindex = nix::net::if_::if_nametoindex(wiring.host_ifname.as_str())
-            .map_err(|e| invalid(format!("host-side veth {}: {e}", wiring.host_ifname)))?;
-        self.datapath.set_endpoint(
-            ip,
-            Endpoint {
-                ifindex,
-                flags: 0,
-                pod_mac: wiring.pod_mac.0,
-                host_mac: wiring.host_mac.0,
-            },
-        )?;
+        self.datapath.set_endpoint(ip, endpoint_of(ip, wiring)?)?;
         let pin = self.pins.link(Hook::from_pod(&wiring.host_ifname));
         self.datapath
             .attach_pinned(Hook::from_pod(&wiring.host_ifname), &pin)?;
@@ -368,31 +358,15 @@ impl Daemon {
                 record.ip
             ))
         })?;
-        let ifindex = nix::net::if_::if_nametoindex(wiring.host_ifname.as_str()).map_err(|e| {
-            invalid(format!(
-                "host-side veth {} of {}: {e}",
-                wiring.host_ifname, record.ip
-            ))
-        })?;
-        let entry = self
-            .datapath
-            .endpoints()?
-            .into_iter()
-            .find(|(ip, _)| *ip == record.ip);
-        let want = Endpoint {
-            ifindex,
-            flags: 0,
-            pod_mac: wiring.pod_mac.0,
-            host_mac: wiring.host_mac.0,
-        };
-        match entry {
+        let want = endpoint_of(record.ip, wiring)?;
+        match self.datapath.endpoint(record.ip)? {
             None => {
                 return Err(invalid(format!(
                     "endpoint map has no entry for {}",
                     record.ip
                 )))
             }
-            Some((_, got)) if got != want => {
+            Some(got) if got != want => {
                 return Err(invalid(format!(
                     "endpoint map entry for {} is {got:?}, expected {want:?}",
                     record.ip
@@ -401,7 +375,7 @@ impl Daemon {
             Some(_) => {}
         }
         let pin = self.pins.link(Hook::from_pod(&wiring.host_ifname));
-        if Datapath::tcx_links_pinned() && !pin.exists() {
+        if datapath::tcx_supported() && !pin.exists() {
             return Err(invalid(format!(
                 "from_pod is not attached to {} (no link at {})",
                 wiring.host_ifname,
@@ -441,6 +415,23 @@ impl Daemon {
             }),
         }
     }
+}
+
+/// The endpoint map entry `wiring` calls for: the host-side veth's ifindex as it is now, and
+/// both MACs.
+fn endpoint_of(ip: Ipv4Addr, wiring: &Wiring) -> Result<Endpoint, ApiError> {
+    let ifindex = nix::net::if_::if_nametoindex(wiring.host_ifname.as_str()).map_err(|e| {
+        invalid(format!(
+            "host-side veth {} of {ip}: {e}",
+            wiring.host_ifname
+        ))
+    })?;
+    Ok(Endpoint {
+        ifindex,
+        flags: 0,
+        pod_mac: wiring.pod_mac.0,
+        host_mac: wiring.host_mac.0,
+    })
 }
 
 /// Binds the API socket at `path`, replacing a stale one left by a previous run. Only root may

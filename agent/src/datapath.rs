@@ -5,7 +5,7 @@ use std::{io, net::Ipv4Addr, path::Path};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        HashMap, MapData, PerCpuArray,
+        HashMap, Map, MapData, PerCpuArray,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -181,7 +181,7 @@ impl LogLevel {
 
 /// Whether this kernel has TCX links (6.6, commit e420bed02507); before it aya attaches through
 /// netlink tc, which needs a clsact qdisc and has no links to pin.
-fn tcx_supported() -> bool {
+pub fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
@@ -296,11 +296,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// Whether attachments are pinned links on this kernel (TCX), rather than netlink filters.
-    pub fn tcx_links_pinned() -> bool {
-        tcx_supported()
-    }
-
     /// Removes the link pinned at `pin`, detaching `from_pod` (no-op when there is none).
     pub fn detach_pinned(pin: &Path) -> Result<(), DatapathError> {
         match std::fs::remove_file(pin) {
@@ -340,18 +335,20 @@ impl Datapath {
         program.take_link(id).map_err(program_err)
     }
 
-    fn nodes_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], NodeEntry>, DatapathError> {
+    /// The map `name` as `M` (a typed aya map borrowing it).
+    fn typed_map<'a, M>(&'a mut self, name: &'static str) -> Result<M, DatapathError>
+    where
+        M: TryFrom<&'a mut Map, Error = aya::maps::MapError>,
+    {
         let map = self
             .ebpf
-            .map_mut(maps::NODES)
-            .ok_or(DatapathError::Missing {
-                kind: "map",
-                name: maps::NODES,
-            })?;
-        LpmTrie::try_from(map).map_err(|source| DatapathError::Map {
-            name: maps::NODES,
-            source,
-        })
+            .map_mut(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
+        M::try_from(map).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    fn nodes_map(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], NodeEntry>, DatapathError> {
+        self.typed_map(maps::NODES)
     }
 
     /// Every entry of the node table.
@@ -399,17 +396,7 @@ impl Datapath {
     fn endpoints_map(
         &mut self,
     ) -> Result<HashMap<&mut MapData, EndpointKey, Endpoint>, DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::ENDPOINTS)
-            .ok_or(DatapathError::Missing {
-                kind: "map",
-                name: maps::ENDPOINTS,
-            })?;
-        HashMap::try_from(map).map_err(|source| DatapathError::Map {
-            name: maps::ENDPOINTS,
-            source,
-        })
+        self.typed_map(maps::ENDPOINTS)
     }
 
     /// Writes (or replaces) the endpoint of `ip`.
@@ -426,6 +413,18 @@ impl Datapath {
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         match self.endpoints_map()?.remove(&ip.octets()) {
             Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                name: maps::ENDPOINTS,
+                source,
+            }),
+        }
+    }
+
+    /// The endpoint of `ip`, if the map has one.
+    pub fn endpoint(&mut self, ip: Ipv4Addr) -> Result<Option<Endpoint>, DatapathError> {
+        match self.endpoints_map()?.get(&ip.octets(), 0) {
+            Ok(endpoint) => Ok(Some(endpoint)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(DatapathError::Map {
                 name: maps::ENDPOINTS,
                 source,

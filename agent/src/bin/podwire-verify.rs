@@ -18,7 +18,7 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use nix::sched::{setns, unshare, CloneFlags};
 use podwire_agent::{
-    datapath::{programs, Datapath, Hook, LogLevel, Overlay},
+    datapath::{self, programs, Datapath, Hook, LogLevel, Overlay},
     wiring::Netlink,
 };
 use podwire_common::{Endpoint, Reason};
@@ -72,7 +72,7 @@ struct Pod {
 /// that only its `bpf_redirect_peer` can deliver.
 fn deliver(kernel: &str) -> Result<()> {
     ensure!(
-        !Datapath::tcx_links_pinned(),
+        !datapath::tcx_supported(),
         "kernel {kernel} has TCX, so podwire does not attach through netlink tc here, which is \
          what the pod-to-pod check proves: run it on a kernel before 6.6 (cargo xtask vm-verify)"
     );
