@@ -4,7 +4,6 @@
 use std::{net::Ipv4Addr, path::Path, sync::Arc};
 
 use anyhow::Context as _;
-use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use podwire_common::{node_flags, Endpoint, NodeEntry};
 use tokio::{
@@ -21,6 +20,7 @@ use crate::{
     overlay::{self, VXLAN_DEV},
     pins::Pins,
     state::{EndpointRecord, State, StateError, Wiring},
+    wiring,
 };
 
 /// The daemon's state, behind one lock: requests are short and must not interleave.
@@ -231,9 +231,13 @@ impl Daemon {
                     .filter(|a| !valid.contains(a))
                     .collect();
                 for attachment in &stale {
-                    if let Some(wiring) = self.state.get(attachment).and_then(|r| r.wiring.clone())
-                    {
-                        self.delete_link(&wiring.host_ifname).await?;
+                    if let Some(wired) = self.state.get(attachment).and_then(|r| r.wiring.clone()) {
+                        wiring::delete_link(&self.netlink, &wired.host_ifname)
+                            .await
+                            .map_err(|e| ApiError {
+                                kind: ErrorKind::Internal,
+                                message: e.to_string(),
+                            })?;
                     }
                     self.release(attachment)?;
                     info!(container = %attachment.container_id, ifname = %attachment.ifname, "garbage-collected");
@@ -383,37 +387,6 @@ impl Daemon {
             )));
         }
         Ok(record)
-    }
-
-    /// Deletes the link named `name` in the node's namespace; a missing one is fine.
-    async fn delete_link(&self, name: &str) -> Result<(), ApiError> {
-        let mut links = self
-            .netlink
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute();
-        let index = match links.try_next().await {
-            Ok(Some(link)) => link.header.index,
-            Ok(None) => return Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
-                return Ok(())
-            }
-            Err(e) => {
-                return Err(ApiError {
-                    kind: ErrorKind::Internal,
-                    message: format!("looking up {name}: {e}"),
-                })
-            }
-        };
-        match self.netlink.link().del(index).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-            Err(e) => Err(ApiError {
-                kind: ErrorKind::Internal,
-                message: format!("deleting {name}: {e}"),
-            }),
-        }
     }
 }
 

@@ -214,13 +214,7 @@ impl Netlink {
 
     /// Deletes the host-side veth (its peer in the pod goes with it); a missing one is fine.
     pub async fn delete_host_veth(&self, host_ifname: &str) -> Result<(), WiringError> {
-        let Some(found) = link(&self.host, host_ifname).await? else {
-            return Ok(());
-        };
-        match self.host.link().del(found.header.index).execute().await {
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-            other => other.map_err(io_err(format!("deleting veth {host_ifname}"))),
-        }
+        delete_link(&self.host, host_ifname).await
     }
 
     /// Whether the host-side veth exists.
@@ -302,6 +296,17 @@ impl Netlink {
             )));
         }
         Ok(())
+    }
+}
+
+/// Deletes the link named `name` (a veth takes its peer with it); a missing one is fine.
+pub async fn delete_link(handle: &Handle, name: &str) -> Result<(), WiringError> {
+    let Some(found) = link(handle, name).await? else {
+        return Ok(());
+    };
+    match handle.link().del(found.header.index).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+        other => other.map_err(io_err(format!("deleting {name}"))),
     }
 }
 
