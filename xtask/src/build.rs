@@ -61,9 +61,17 @@ pub fn ebpf(linker_dir: &Path) -> Result<PathBuf> {
     Ok(target_dir.join(BPF_TARGET).join("release/podwire"))
 }
 
-/// Builds everything; returns the directory holding the userspace binaries.
-pub fn all(release: bool) -> Result<PathBuf> {
-    let linker_dir = toolchain::ensure(Needs::Build)?;
+/// What a build produced.
+pub struct Built {
+    /// The userspace binaries' directory.
+    pub bins: PathBuf,
+    /// The eBPF object they embed.
+    pub object: PathBuf,
+}
+
+/// Installs what `needs` calls for and builds everything.
+pub fn all(release: bool, needs: Needs) -> Result<Built> {
+    let linker_dir = toolchain::ensure(needs)?;
     let object = ebpf(&linker_dir)?;
     let mut cmd = userspace_cargo(&object, "build");
     cmd.args(["--bins"]);
@@ -71,20 +79,16 @@ pub fn all(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     run(cmd).context("building the userspace binaries")?;
-    Ok(workspace_root()
+    let bins = workspace_root()
         .join("target")
-        .join(if release { "release" } else { "debug" }))
+        .join(if release { "release" } else { "debug" });
+    Ok(Built { bins, object })
 }
 
 /// Builds everything, then runs unit and kernel integration tests.
 pub fn test(args: &[String]) -> Result<()> {
-    toolchain::ensure(Needs::Run)?;
+    let Built { bins, object } = all(false, Needs::Run)?;
     let cnitool = crate::cnitool::ensure()?;
-    let bins = all(false)?;
-    let object = workspace_root()
-        .join("target/ebpf")
-        .join(BPF_TARGET)
-        .join("release/podwire");
     let mut cmd = userspace_cargo(&object, "test");
     cmd.env(BIN_DIR_ENV, &bins).env(CNITOOL_ENV, &cnitool);
     if !args.is_empty() {

@@ -13,6 +13,7 @@ use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+use toolchain::Needs;
 
 #[derive(Parser)]
 #[command(about = "Build, load, demo and test podwire")]
@@ -64,10 +65,10 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Build { release } => {
-            build::all(release)?;
+            build::all(release, Needs::Build)?;
         }
         Cmd::Run { release, args } => {
-            let bins = build::all(release)?;
+            let bins = build::all(release, Needs::Build)?.bins;
             let agent = bins.join("podwire-agent");
             let mut cmd = Command::new(&agent);
             cmd.args(&args);
@@ -80,13 +81,11 @@ fn main() -> Result<()> {
             return Err(cmd.exec()).with_context(|| format!("executing {}", agent.display()));
         }
         Cmd::Demo => {
-            toolchain::ensure(toolchain::Needs::Run)?;
-            let bins = build::all(false)?;
+            let bins = build::all(false, Needs::Run)?.bins;
             demo::run(&bins)?;
         }
         Cmd::Bench { reps, seconds } => {
-            toolchain::ensure(toolchain::Needs::Run)?;
-            let bins = build::all(true)?;
+            let bins = build::all(true, Needs::Run)?.bins;
             bench::run(&bins, reps, seconds)?;
         }
         Cmd::Test { args } => {
