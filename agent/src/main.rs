@@ -11,14 +11,14 @@ use anyhow::{Context as _, Result};
 use clap::Parser;
 use ipnet::Ipv4Net;
 use podwire_agent::{
-    api,
-    cluster::{Cluster, ClusterSource as _, FileSource, NodeInfo},
-    daemon::{self, Daemon, OverlayNode},
-    datapath::{Datapath, LogLevel, Logger, Overlay},
-    overlay,
-    pins::{self, Pins},
-    state::State,
+    cluster::{ClusterSource as _, FileSource},
+    ipam::Ipam,
+    overlay::{self, Overlay, OverlayConfig},
+    server, Agent, OBJECT,
 };
+use podwire_core::{api, cluster::Cluster, pins::Pins};
+use podwire_datapath::{Datapath, Hook, LoadOptions, LogLevel, Logger};
+use podwire_netlink::Netlink;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -65,7 +65,7 @@ struct Args {
     socket: PathBuf,
 
     /// bpffs directory for this node's pinned maps and links.
-    #[arg(long, default_value = pins::DEFAULT_ROOT)]
+    #[arg(long, default_value = podwire_core::pins::DEFAULT_ROOT)]
     bpffs: PathBuf,
 
     /// Attach `from_pod` to tc ingress of this interface until the agent exits (repeatable): the
@@ -97,99 +97,94 @@ async fn main() -> Result<()> {
 
     let serving = args.pod_cidr.is_some() || args.cluster_file.is_some();
     let pins = serving.then(|| Pins::new(&args.bpffs));
-    if let Some(pins) = &pins {
-        pins.prepare()
-            .context("preparing the bpffs pin directories")?;
-    }
     let mut cluster_source = args
         .cluster_file
         .clone()
         .map(|path| FileSource::new(path, Duration::from_secs(1)));
-    let setup = match &mut cluster_source {
-        Some(source) => Some(join_overlay(&args, source).await?),
+    let joined = match &mut cluster_source {
+        Some(source) => Some(join(&args, source).await?),
         None => None,
     };
-    let overlay_config = setup.as_ref().map(|s| Overlay {
-        ifindex: s.vxlan_index,
-        vni: args.vni,
-    });
+    let overlay = joined.as_ref().map(|j| &j.overlay);
     let mut datapath = Datapath::load(
-        LogLevel::from_filter(&args.log),
-        pins.as_ref(),
-        overlay_config,
+        OBJECT,
+        LoadOptions {
+            log_level: LogLevel::from_filter(&args.log),
+            pins: pins.as_ref(),
+            tunnel: overlay.map(Overlay::tunnel),
+            test_run: false,
+        },
     )?;
     if let Some(logger) = datapath.take_logger() {
         tokio::spawn(forward_logs(logger));
     }
     for iface in &args.ifaces {
         datapath
-            .attach_from_pod(iface)
+            .attach(Hook::from_pod(iface))
             .with_context(|| format!("attaching to {iface}"))?;
         info!(iface = %iface, "attached from_pod to tc ingress");
     }
 
-    let pod_cidr = args.pod_cidr.or(setup.as_ref().map(|s| s.me.pod_cidr));
-    let daemon = match (pod_cidr, pins) {
-        (Some(pod_cidr), Some(pins)) => {
-            let state = State::open(&args.state_dir, pod_cidr)?;
-            let pod_mtu = setup
-                .as_ref()
-                .map_or(args.mtu.unwrap_or(1500), |s| s.pod_mtu);
-            let overlay_node = setup.as_ref().map(|s| OverlayNode {
-                address: s.me.address,
-                vxlan_index: s.vxlan_index,
-            });
-            let mut daemon = Daemon::start(
-                args.node_name.clone(),
-                datapath,
-                state,
-                pins,
-                pod_mtu,
-                overlay_node,
-            )
-            .await?;
-            if let Some(setup) = &setup {
-                daemon.apply_cluster(&setup.cluster).await?;
-            }
-            let daemon = Arc::new(tokio::sync::Mutex::new(daemon));
-            if let Some(mut source) = cluster_source {
-                let daemon = daemon.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let result = match source.next().await {
-                            Ok(cluster) => daemon.lock().await.apply_cluster(&cluster).await,
-                            Err(e) => Err(e.into()),
-                        };
-                        if let Err(e) = result {
-                            warn!("cluster update: {e:#}");
-                        }
-                    }
-                });
-            }
-            let listener = daemon::bind(&args.socket)
-                .with_context(|| format!("binding the API socket {}", args.socket.display()))?;
-            tokio::spawn(Daemon::serve(daemon.clone(), listener));
-            info!(node = %args.node_name, %pod_cidr, socket = %args.socket.display(), "serving CNI requests");
-            Some(daemon)
+    let pod_cidr = args.pod_cidr.or(joined.as_ref().map(|j| j.pod_cidr));
+    let (Some(pod_cidr), Some(pins)) = (pod_cidr, pins) else {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        info!("datapath running; Ctrl-C or SIGTERM detaches and exits");
+        wait_for_signal(&mut sigint, &mut sigterm).await;
+        for (reason, counter) in datapath.counters.all()? {
+            info!(
+                reason = reason.name(),
+                packets = counter.packets,
+                bytes = counter.bytes,
+                "counter"
+            );
         }
-        _ => {
-            let mut sigint = signal(SignalKind::interrupt())?;
-            let mut sigterm = signal(SignalKind::terminate())?;
-            info!("datapath running; Ctrl-C or SIGTERM detaches and exits");
-            wait_for_signal(&mut sigint, &mut sigterm).await;
-            for (reason, counter) in datapath.counters()? {
-                info!(
-                    reason = reason.name(),
-                    packets = counter.packets,
-                    bytes = counter.bytes,
-                    "counter"
-                );
-            }
-            drop(datapath);
-            info!("detached");
-            return Ok(());
-        }
+        drop(datapath);
+        info!("detached");
+        return Ok(());
     };
+
+    let ipam = Ipam::open(&args.state_dir, pod_cidr)?;
+    let pod_mtu = overlay::pod_mtu(args.mtu, overlay);
+    let (cluster, overlay) = match joined {
+        Some(j) => (Some(j.cluster), Some(j.overlay)),
+        None => (None, None),
+    };
+    let mut agent = Agent::start(
+        args.node_name.clone(),
+        datapath,
+        ipam,
+        pins,
+        pod_mtu,
+        overlay,
+    )?;
+    if let Some(cluster) = &cluster {
+        agent.apply_cluster(cluster).await?;
+    }
+    let agent = Arc::new(tokio::sync::Mutex::new(agent));
+    if let Some(mut source) = cluster_source {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            loop {
+                let result = match source.next().await {
+                    Ok(cluster) => agent
+                        .lock()
+                        .await
+                        .apply_cluster(&cluster)
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = result {
+                    warn!("cluster update: {e:#}");
+                }
+            }
+        });
+    }
+    let listener = server::bind(&args.socket)
+        .with_context(|| format!("binding the API socket {}", args.socket.display()))?;
+    tokio::spawn(server::serve(agent.clone(), listener));
+    info!(node = %args.node_name, %pod_cidr, pod_mtu, socket = %args.socket.display(), "serving CNI requests");
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -197,21 +192,20 @@ async fn main() -> Result<()> {
     wait_for_signal(&mut sigint, &mut sigterm).await;
     let _ = std::fs::remove_file(&args.socket);
     // Pod attachments are pinned and stay; only `--iface` ones are detached with the datapath.
-    drop(daemon);
+    drop(agent);
     info!("agent stopped");
     Ok(())
 }
 
-/// This node's place in the cluster and its overlay device, made ready before the datapath
-/// loads (the programs get the device's ifindex at load time).
-struct OverlaySetup {
+/// This node's place in the cluster, and its overlay made ready before the datapath loads (the
+/// programs get the VXLAN device's ifindex at load time).
+struct Joined {
     cluster: Cluster,
-    me: NodeInfo,
-    pod_mtu: u32,
-    vxlan_index: u32,
+    pod_cidr: Ipv4Net,
+    overlay: Overlay,
 }
 
-async fn join_overlay(args: &Args, source: &mut FileSource) -> Result<OverlaySetup> {
+async fn join(args: &Args, source: &mut FileSource) -> Result<Joined> {
     let cluster = source.next().await?;
     let me = cluster.node(&args.node_name).cloned().with_context(|| {
         format!(
@@ -219,25 +213,26 @@ async fn join_overlay(args: &Args, source: &mut FileSource) -> Result<OverlaySet
             args.node_name, args.cluster_file
         )
     })?;
-    let (connection, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(connection);
-    let underlay = overlay::underlay(&handle, me.address).await?;
-    let device_mtu = underlay.mtu - overlay::VXLAN_OVERHEAD;
-    let pod_mtu = args.mtu.unwrap_or(device_mtu);
-    let vxlan_index = overlay::ensure_vxlan(&handle, args.vxlan_port, device_mtu).await?;
+    let overlay = Overlay::setup(
+        &Netlink::connect()?,
+        OverlayConfig {
+            address: me.address,
+            vni: args.vni,
+            port: args.vxlan_port,
+        },
+    )
+    .await?;
     info!(
-        underlay = %underlay.name,
-        underlay_mtu = underlay.mtu,
-        pod_mtu,
+        underlay = %overlay.underlay,
+        underlay_mtu = overlay.underlay_mtu,
         vni = args.vni,
         "overlay device {} ready",
         overlay::VXLAN_DEV
     );
-    Ok(OverlaySetup {
+    Ok(Joined {
         cluster,
-        me,
-        pod_mtu,
-        vxlan_index,
+        pod_cidr: me.pod_cidr,
+        overlay,
     })
 }
 

@@ -1,9 +1,8 @@
 //! `podwire counters`: verdicts per reason.
 
-use anyhow::{Context as _, Result};
-use aya::maps::{MapData, PerCpuArray};
-use podwire_agent::{datapath::maps::COUNTERS, pins::Pins};
-use podwire_common::{Counter, Reason};
+use anyhow::Result;
+use podwire_core::pins::Pins;
+use podwire_datapath::{Counters, DatapathMap as _};
 use serde::Serialize;
 
 use crate::output::Row;
@@ -29,35 +28,16 @@ impl Row for CounterRow {
     }
 }
 
-fn verdict(reason: Reason) -> &'static str {
-    match reason {
-        r if r.is_drop() => "drop",
-        Reason::RedirectLocal | Reason::RedirectOverlay | Reason::RedirectFromOverlay => "redirect",
-        _ => "pass",
-    }
-}
-
 pub fn read(pins: &Pins, nonzero: bool) -> Result<Vec<CounterRow>> {
-    let map: PerCpuArray<MapData, Counter> = crate::maps::open(pins, COUNTERS)?;
-    let mut rows = Vec::new();
-    for reason in Reason::ALL {
-        let per_cpu = map.get(&(reason as u32), 0).with_context(|| {
-            format!(
-                "reading {} of {}",
-                reason.name(),
-                pins.map(COUNTERS).display()
-            )
-        })?;
-        let Counter { packets, bytes } = per_cpu.iter().copied().sum();
-        if nonzero && packets == 0 {
-            continue;
-        }
-        rows.push(CounterRow {
+    Ok(Counters::open(pins)?
+        .all()?
+        .into_iter()
+        .filter(|(_, counter)| !nonzero || counter.packets > 0)
+        .map(|(reason, counter)| CounterRow {
             reason: reason.name(),
-            verdict: verdict(reason),
-            packets,
-            bytes,
-        });
-    }
-    Ok(rows)
+            verdict: reason.verdict().name(),
+            packets: counter.packets,
+            bytes: counter.bytes,
+        })
+        .collect())
 }

@@ -2,10 +2,9 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData};
-use podwire_agent::{datapath::maps::ENDPOINTS, mac::Mac, pins::Pins};
-use podwire_common::Endpoint;
+use anyhow::Result;
+use podwire_core::{mac::Mac, pins::Pins};
+use podwire_datapath::{DatapathMap as _, Endpoints};
 use serde::Serialize;
 
 use crate::output::Row;
@@ -34,27 +33,21 @@ impl Row for EndpointRow {
 }
 
 pub fn read(pins: &Pins) -> Result<Vec<EndpointRow>> {
-    let map: HashMap<MapData, [u8; 4], Endpoint> = crate::maps::open(pins, ENDPOINTS)?;
-    let mut rows = map
-        .iter()
-        .map(|entry| {
-            let (key, ep) =
-                entry.with_context(|| format!("reading {}", pins.map(ENDPOINTS).display()))?;
-            Ok(EndpointRow {
-                ip: Ipv4Addr::from(key),
-                ifindex: ep.ifindex,
-                // Names resolve in this process's network namespace: run it in the node's.
-                // nix 0.29 misses libc's NULL return and hands back "" for an unknown ifindex.
-                host_veth: nix::net::if_::if_indextoname(ep.ifindex)
-                    .ok()
-                    .and_then(|n| n.into_string().ok())
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| "-".into()),
-                pod_mac: Mac(ep.pod_mac),
-                host_mac: Mac(ep.host_mac),
-            })
+    Ok(Endpoints::open(pins)?
+        .list()?
+        .into_iter()
+        .map(|(ip, ep)| EndpointRow {
+            ip,
+            ifindex: ep.ifindex,
+            // Names resolve in this process's network namespace: run it in the node's.
+            // nix 0.29 misses libc's NULL return and hands back "" for an unknown ifindex.
+            host_veth: nix::net::if_::if_indextoname(ep.ifindex)
+                .ok()
+                .and_then(|n| n.into_string().ok())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "-".into()),
+            pod_mac: Mac(ep.pod_mac),
+            host_mac: Mac(ep.host_mac),
         })
-        .collect::<Result<Vec<_>>>()?;
-    rows.sort_by_key(|r| r.ip);
-    Ok(rows)
+        .collect())
 }

@@ -5,10 +5,10 @@
 use std::{net::Ipv4Addr, os::fd::AsFd as _, time::Duration};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, RingBuf};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use podwire_agent::{datapath::maps::EVENTS, pins::Pins};
-use podwire_common::{DropEvent, Reason};
+use podwire_common::Reason;
+use podwire_core::pins::Pins;
+use podwire_datapath::{DatapathMap as _, DropEvents};
 use serde::Serialize;
 
 use crate::output::{self, Format, Row};
@@ -45,11 +45,10 @@ pub fn follow(
     count: Option<usize>,
     idle: Option<Duration>,
 ) -> Result<()> {
-    let mut ring: RingBuf<MapData> = crate::maps::open(pins, EVENTS)?;
+    let mut ring = DropEvents::open(pins)?;
     let mut printed = 0;
     loop {
-        while let Some(item) = ring.next() {
-            let event: DropEvent = read_event(&item).context("malformed event on the ring")?;
+        while let Some(event) = ring.pop()? {
             let reason = Reason::from_u32(event.reason).map_or("unknown", Reason::name);
             let row = EventRow {
                 reason,
@@ -74,11 +73,4 @@ pub fn follow(
             return Ok(());
         }
     }
-}
-
-fn read_event(bytes: &[u8]) -> Option<DropEvent> {
-    (bytes.len() >= std::mem::size_of::<DropEvent>())
-        // SAFETY: DropEvent is plain old data and the slice holds enough bytes; read_unaligned
-        // because the ring gives no alignment promise to this type.
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
 }

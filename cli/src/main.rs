@@ -4,7 +4,6 @@
 mod counters;
 mod endpoints;
 mod events;
-mod maps;
 mod nodes;
 mod output;
 
@@ -13,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use nix::sys::signal::{signal, SigHandler, Signal};
-use podwire_agent::pins;
+use podwire_core::pins;
 
 #[derive(Parser)]
 #[command(version, about = "Inspect podwire's datapath on this node")]

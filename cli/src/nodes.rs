@@ -2,18 +2,20 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, Result};
-use aya::maps::{lpm_trie::LpmTrie, MapData};
-use podwire_agent::{datapath::maps::NODES, pins::Pins};
-use podwire_common::{node_flags, NodeEntry};
+use anyhow::Result;
+use ipnet::Ipv4Net;
+use podwire_common::NodeKind;
+use podwire_core::pins::Pins;
+use podwire_datapath::{DatapathMap as _, NodeTable};
 use serde::Serialize;
 
 use crate::output::Row;
 
 #[derive(Serialize)]
 pub struct NodeRow {
-    prefix: String,
-    /// "remote" (tunnelled to `node`), "local" (this node's pods) or "no-node" (dropped).
+    prefix: Ipv4Net,
+    /// "remote" (tunnelled to `node`), "local" (this node's pods), "no-node" (dropped), or
+    /// "unknown" (written by a newer agent).
     kind: &'static str,
     node: Option<Ipv4Addr>,
 }
@@ -23,30 +25,23 @@ impl Row for NodeRow {
 
     fn cells(&self) -> Vec<String> {
         let node = self.node.map_or_else(|| "-".to_owned(), |n| n.to_string());
-        vec![self.prefix.clone(), self.kind.into(), node]
+        vec![self.prefix.to_string(), self.kind.into(), node]
     }
 }
 
 pub fn read(pins: &Pins) -> Result<Vec<NodeRow>> {
-    let map: LpmTrie<MapData, [u8; 4], NodeEntry> = crate::maps::open(pins, NODES)?;
-    let mut rows = Vec::new();
-    for entry in map.iter() {
-        let (key, node) = entry.context("reading the node table")?;
-        let (kind, owner) = match node.flags {
-            f if f & node_flags::NO_NODE != 0 => ("no-node", None),
-            f if f & node_flags::LOCAL != 0 => ("local", Some(Ipv4Addr::from(node.addr))),
-            _ => ("remote", Some(Ipv4Addr::from(node.addr))),
-        };
-        rows.push((
-            key.prefix_len(),
-            Ipv4Addr::from(key.data()),
-            NodeRow {
-                prefix: format!("{}/{}", Ipv4Addr::from(key.data()), key.prefix_len()),
-                kind,
-                node: owner,
-            },
-        ));
-    }
-    rows.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    Ok(rows.into_iter().map(|(_, _, row)| row).collect())
+    Ok(NodeTable::open(pins)?
+        .list()?
+        .into_iter()
+        .map(|(prefix, entry)| {
+            let node = Some(Ipv4Addr::from(entry.addr));
+            let (kind, node) = match entry.kind() {
+                Some(NodeKind::Remote) => ("remote", node),
+                Some(NodeKind::Local) => ("local", node),
+                Some(NodeKind::NoNode) => ("no-node", None),
+                None => ("unknown", None),
+            };
+            NodeRow { prefix, kind, node }
+        })
+        .collect())
 }

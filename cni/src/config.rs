@@ -2,7 +2,7 @@
 
 use std::{env, path::PathBuf};
 
-use podwire_agent::api::{Attachment, DEFAULT_SOCKET};
+use podwire_core::{api::DEFAULT_SOCKET, endpoint::Attachment};
 use serde::Deserialize;
 
 use crate::{

@@ -1,6 +1,8 @@
 //! CNI errors: the spec's JSON error object on stdout, with its well-known codes.
 //! <https://github.com/containernetworking/cni/blob/main/SPEC.md#error>
 
+use podwire_core::api::{ClientError, ErrorKind};
+use podwire_netlink::NetlinkError;
 use serde::Serialize;
 
 /// Well-known error codes of the CNI spec (1-99 reserved), and podwire's own (100+).
@@ -41,9 +43,8 @@ impl CniError {
     }
 }
 
-impl From<podwire_agent::api::ClientError> for CniError {
-    fn from(e: podwire_agent::api::ClientError) -> CniError {
-        use podwire_agent::api::{ClientError, ErrorKind};
+impl From<ClientError> for CniError {
+    fn from(e: ClientError) -> CniError {
         let code = match &e {
             ClientError::Unreachable { .. } => code::TRY_AGAIN_LATER,
             ClientError::Protocol { .. } => code::IO_FAILURE,
@@ -53,18 +54,30 @@ impl From<podwire_agent::api::ClientError> for CniError {
                 ErrorKind::Internal => code::IO_FAILURE,
             },
         };
+        // Its messages carry their causes already.
         CniError::new(code, e.to_string())
     }
 }
 
-impl From<podwire_agent::wiring::WiringError> for CniError {
-    fn from(e: podwire_agent::wiring::WiringError) -> CniError {
-        use podwire_agent::wiring::WiringError;
+impl From<NetlinkError> for CniError {
+    fn from(e: NetlinkError) -> CniError {
         let code = match &e {
-            WiringError::Netns { .. } => code::INVALID_ENV,
-            WiringError::Check(_) => code::CHECK_FAILED,
-            WiringError::Netlink { .. } | WiringError::Missing(_) => code::IO_FAILURE,
+            NetlinkError::Netns { .. } => code::INVALID_ENV,
+            NetlinkError::Mismatch(_) => code::CHECK_FAILED,
+            _ => code::IO_FAILURE,
         };
-        CniError::new(code, e.to_string())
+        CniError::new(code, chain(&e))
     }
+}
+
+/// `error: cause: cause`: the runtime shows `msg` alone, so it carries the whole chain.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
 }

@@ -9,10 +9,15 @@ mod version;
 
 use std::{io::Read as _, process::ExitCode};
 
-use podwire_agent::{
-    api::{self, Attachment, Reply, Request},
-    wiring::{self as wire, Netlink, GATEWAY},
+use podwire_core::{
+    api::{self, Reply, Request},
+    endpoint::{Attachment, VethPair},
 };
+use podwire_netlink::{
+    pod::{self, PodInterface, PodNetns, GATEWAY},
+    Netlink,
+};
+use sha2::{Digest as _, Sha256};
 
 use crate::{
     config::NetConf,
@@ -86,10 +91,19 @@ fn unexpected(reply: Reply) -> CniError {
     )
 }
 
+/// Name of the host-side veth of `attachment`: "pw" and 11 hex digits of a hash of the container
+/// id and interface name, so it is the same at ADD, DEL and GC and fits IFNAMSIZ.
+fn host_ifname(attachment: &Attachment) -> String {
+    let digest = Sha256::digest(attachment.key().as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("pw{}", &hex[..11])
+}
+
 async fn add(conf: &NetConf) -> Result<String, CniError> {
     let attachment = config::attachment("ADD")?;
     let netns = config::required("CNI_NETNS", "ADD")?;
-    let netlink = Netlink::open(Some(&netns))?;
+    let host = Netlink::connect()?;
+    let pod_ns = PodNetns::open(&netns)?;
     let (ip, node_mtu) = match call(
         conf,
         &Request::Allocate {
@@ -100,61 +114,74 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
         Reply::Allocated { ip, mtu, .. } => (ip, mtu),
         other => return Err(unexpected(other)),
     };
-    let host_ifname = wire::host_ifname(&attachment);
-    let mtu = conf.mtu.unwrap_or(node_mtu);
-    match wire_up(conf, &netlink, &attachment, &host_ifname, &netns, ip, mtu).await {
-        Ok(result) => Ok(result),
+    let host_ifname = host_ifname(&attachment);
+    let want = PodInterface {
+        host_ifname: &host_ifname,
+        ifname: &attachment.ifname,
+        ip,
+        mtu: conf.mtu.unwrap_or(node_mtu),
+    };
+    match wire_up(conf, &host, &pod_ns, &attachment, want).await {
+        Ok(veth) => Ok(add_result(conf, &attachment, &netns, want, &veth)),
         Err(e) => {
             // Leave nothing behind: the veth (its peer goes with it) and the address.
-            let _ = netlink.delete_host_veth(&host_ifname).await;
+            let _ = host.delete_link(&host_ifname).await;
             let _ = call(conf, &Request::Release { attachment });
             Err(e)
         }
     }
 }
 
+/// Creates the pod's veth pair and addressing and registers it with the agent.
 async fn wire_up(
     conf: &NetConf,
-    netlink: &Netlink,
+    host: &Netlink,
+    pod_ns: &PodNetns,
     attachment: &Attachment,
-    host_ifname: &str,
-    netns: &str,
-    ip: std::net::Ipv4Addr,
-    mtu: u32,
-) -> Result<String, CniError> {
+    want: PodInterface<'_>,
+) -> Result<VethPair, CniError> {
     // A leftover of an earlier ADD of this attachment (the runtime should have called DEL).
-    netlink.delete_host_veth(host_ifname).await?;
-    let (host_mac, pod_mac) = netlink
-        .create(host_ifname, &attachment.ifname, ip, mtu)
-        .await?;
+    host.delete_link(want.host_ifname).await?;
+    let veth = pod::create(host, pod_ns, want).await?;
     call(
         conf,
         &Request::Register {
             attachment: attachment.clone(),
-            host_ifname: host_ifname.to_owned(),
-            host_mac,
-            pod_mac,
+            host_ifname: veth.host_ifname.clone(),
+            host_mac: veth.host_mac,
+            pod_mac: veth.pod_mac,
         },
     )?;
+    Ok(veth)
+}
+
+/// ADD's result: ours, after the previous plugins' in a chain, in the configuration's version.
+fn add_result(
+    conf: &NetConf,
+    attachment: &Attachment,
+    netns: &str,
+    want: PodInterface<'_>,
+    veth: &VethPair,
+) -> String {
     let ours = CniResult {
         cni_version: conf.cni_version.clone(),
         interfaces: vec![
             Interface {
-                name: host_ifname.to_owned(),
-                mac: host_mac.to_string(),
-                mtu: Some(mtu),
+                name: veth.host_ifname.clone(),
+                mac: veth.host_mac.to_string(),
+                mtu: Some(want.mtu),
                 sandbox: None,
             },
             Interface {
                 name: attachment.ifname.clone(),
-                mac: pod_mac.to_string(),
-                mtu: Some(mtu),
+                mac: veth.pod_mac.to_string(),
+                mtu: Some(want.mtu),
                 sandbox: Some(netns.to_owned()),
             },
         ],
         ips: vec![IpConfig {
             version: None,
-            address: format!("{ip}/32"),
+            address: format!("{}/32", want.ip),
             gateway: Some(GATEWAY.to_string()),
             interface: Some(1),
         }],
@@ -168,15 +195,14 @@ async fn wire_up(
         Some(prev) => prev.clone().merge(ours),
         None => ours,
     };
-    Ok(serde_json::to_string(&result.for_version(&conf.cni_version)).expect("results serialise"))
+    serde_json::to_string(&result.for_version(&conf.cni_version)).expect("results serialise")
 }
 
 async fn del(conf: &NetConf) -> Result<(), CniError> {
     let attachment = config::attachment("DEL")?;
     // The netns may already be gone; the host-side veth is all DEL needs to remove.
-    let netlink = Netlink::open(None)?;
-    netlink
-        .delete_host_veth(&wire::host_ifname(&attachment))
+    Netlink::connect()?
+        .delete_link(&host_ifname(&attachment))
         .await?;
     // Unreachable agent: "try again later", so the runtime retries and the address is released.
     call(conf, &Request::Release { attachment })?;
@@ -211,21 +237,14 @@ async fn check(conf: &NetConf) -> Result<(), CniError> {
             ));
         }
     }
-    let wiring = endpoint
-        .wiring
+    let veth = endpoint
+        .veth
         .as_ref()
         .expect("the agent checks registered endpoints only");
-    let netlink = Netlink::open(Some(&netns))
-        .map_err(|e| CniError::new(code::CONTAINER_UNKNOWN, e.to_string()))?;
-    if !netlink.host_veth_exists(&wiring.host_ifname).await? {
-        return Err(CniError::new(
-            code::CHECK_FAILED,
-            format!("host-side veth {} is missing", wiring.host_ifname),
-        ));
-    }
-    Ok(netlink
-        .check_pod(&attachment.ifname, endpoint.ip, wiring.host_mac)
-        .await?)
+    let host = Netlink::connect()?;
+    let pod_ns = PodNetns::open(&netns)
+        .map_err(|e| CniError::new(code::CONTAINER_UNKNOWN, error::chain(&e)))?;
+    Ok(pod::check(&host, &pod_ns, veth, &attachment.ifname, endpoint.ip).await?)
 }
 
 fn status(conf: &NetConf) -> Result<(), CniError> {

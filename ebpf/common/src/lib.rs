@@ -2,101 +2,104 @@
 //! plain data: the kernel side writes it into maps, the agent and the CLI read it back.
 #![no_std]
 
-/// Why a packet got its verdict. The value indexes `COUNTERS`, so a variant's number never changes
-/// once released; new reasons take new numbers below [`Reason::SLOTS`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
+/// Declares [`Reason`] from one table: number, name and verdict of each reason side by side, so
+/// the list of reasons, their names and which of them are drops cannot drift apart.
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])+ $variant:ident = $number:literal, $name:literal, $verdict:ident;)+) => {
+        /// Why a packet got its verdict. The value indexes `COUNTERS`, so a variant's number never
+        /// changes once released; new reasons take new numbers below [`Reason::SLOTS`].
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $($(#[doc = $doc])+ $variant = $number,)+
+        }
+
+        impl Reason {
+            /// Every reason, in number order.
+            pub const ALL: [Reason; [$($number),+].len()] = [$(Reason::$variant),+];
+
+            /// Stable kebab-case name, used in tables, JSON and metrics labels.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $name,)+
+                }
+            }
+
+            /// What happened to the packets counted under this reason.
+            pub const fn verdict(self) -> Verdict {
+                match self {
+                    $(Reason::$variant => Verdict::$verdict,)+
+                }
+            }
+        }
+    };
+}
+
+reasons! {
     /// IPv4 from a pod to a destination that is not a local pod, handed to the host stack.
-    PassToStack = 0,
+    PassToStack = 0, "pass-to-stack", Pass;
     /// Not IPv4 (ARP, IPv6, ...): handed to the host stack untouched.
-    PassNotIpv4 = 1,
+    PassNotIpv4 = 1, "pass-not-ipv4", Pass;
     /// Too short for its Ethernet or IPv4 header, or an IPv4 header length below 20 bytes.
-    DropMalformed = 2,
+    DropMalformed = 2, "drop-malformed", Drop;
     /// Delivered straight into a pod on this node (bpf_redirect_peer).
-    RedirectLocal = 3,
+    RedirectLocal = 3, "redirect-local", Redirect;
     /// Source IPv4 address is not the sending pod's own.
-    DropSpoofedIp = 4,
+    DropSpoofedIp = 4, "drop-spoofed-ip", Drop;
     /// Source MAC address is not the sending pod's own.
-    DropSpoofedMac = 5,
+    DropSpoofedMac = 5, "drop-spoofed-mac", Drop;
     /// TTL would reach zero when forwarded.
-    DropTtlExceeded = 6,
+    DropTtlExceeded = 6, "drop-ttl-exceeded", Drop;
     /// Sent into the VXLAN tunnel toward the node owning the destination's pod CIDR.
-    RedirectOverlay = 7,
+    RedirectOverlay = 7, "redirect-overlay", Redirect;
     /// Destination is in the cluster's pod range, but no node owns its pod CIDR (any more).
-    DropNoNode = 8,
+    DropNoNode = 8, "drop-no-node", Drop;
     /// Destination is in this node's pod CIDR, but no pod holds it.
-    DropNoEndpoint = 9,
+    DropNoEndpoint = 9, "drop-no-endpoint", Drop;
     /// Arrived through the tunnel and delivered into a pod on this node.
-    RedirectFromOverlay = 10,
+    RedirectFromOverlay = 10, "redirect-from-overlay", Redirect;
     /// Arrived through the tunnel with an inner source that the sending node does not own.
-    DropOverlaySpoofed = 11,
+    DropOverlaySpoofed = 11, "drop-overlay-spoofed", Drop;
     /// Sent by the node's own stack toward a remote pod, put into the tunnel.
-    EncapHost = 12,
+    EncapHost = 12, "encap-host", Pass;
     /// The kernel refused the tunnel key or the redirect into the tunnel.
-    DropEncapFailed = 13,
+    DropEncapFailed = 13, "drop-encap-failed", Drop;
 }
 
 impl Reason {
     /// Entries in `COUNTERS`: fixed, so adding a reason does not change the map's layout.
     pub const SLOTS: u32 = 64;
 
-    /// Every reason, in number order.
-    pub const ALL: [Reason; 14] = [
-        Reason::PassToStack,
-        Reason::PassNotIpv4,
-        Reason::DropMalformed,
-        Reason::RedirectLocal,
-        Reason::DropSpoofedIp,
-        Reason::DropSpoofedMac,
-        Reason::DropTtlExceeded,
-        Reason::RedirectOverlay,
-        Reason::DropNoNode,
-        Reason::DropNoEndpoint,
-        Reason::RedirectFromOverlay,
-        Reason::DropOverlaySpoofed,
-        Reason::EncapHost,
-        Reason::DropEncapFailed,
-    ];
-
     /// The reason with this number, if it is one.
     pub fn from_u32(n: u32) -> Option<Reason> {
         Self::ALL.into_iter().find(|r| *r as u32 == n)
     }
 
-    /// Stable kebab-case name, used in tables, JSON and metrics labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::PassToStack => "pass-to-stack",
-            Reason::PassNotIpv4 => "pass-not-ipv4",
-            Reason::DropMalformed => "drop-malformed",
-            Reason::RedirectLocal => "redirect-local",
-            Reason::DropSpoofedIp => "drop-spoofed-ip",
-            Reason::DropSpoofedMac => "drop-spoofed-mac",
-            Reason::DropTtlExceeded => "drop-ttl-exceeded",
-            Reason::RedirectOverlay => "redirect-overlay",
-            Reason::DropNoNode => "drop-no-node",
-            Reason::DropNoEndpoint => "drop-no-endpoint",
-            Reason::RedirectFromOverlay => "redirect-from-overlay",
-            Reason::DropOverlaySpoofed => "drop-overlay-spoofed",
-            Reason::EncapHost => "encap-host",
-            Reason::DropEncapFailed => "drop-encap-failed",
-        }
-    }
-
     /// Whether packets counted under this reason were dropped.
-    pub fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Reason::DropMalformed
-                | Reason::DropSpoofedIp
-                | Reason::DropSpoofedMac
-                | Reason::DropTtlExceeded
-                | Reason::DropNoNode
-                | Reason::DropNoEndpoint
-                | Reason::DropOverlaySpoofed
-                | Reason::DropEncapFailed
-        )
+    pub const fn is_drop(self) -> bool {
+        matches!(self.verdict(), Verdict::Drop)
+    }
+}
+
+/// What the datapath did with a packet, as `podwire counters` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handed on to the kernel: the host stack, or the tunnel device's own egress.
+    Pass,
+    /// Redirected by the program: into a pod, or into the tunnel.
+    Redirect,
+    /// Dropped, and reported on the event ring.
+    Drop,
+}
+
+impl Verdict {
+    /// Stable lower-case name, used in tables and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Redirect => "redirect",
+            Verdict::Drop => "drop",
+        }
     }
 }
 
@@ -144,29 +147,65 @@ pub struct Endpoint {
 // SAFETY: plain-old-data, 20 bytes with no padding (two u32, two [u8; 6]).
 unsafe impl aya::Pod for Endpoint {}
 
+/// What a prefix of `NODES_V1` stands for. The numbers are those of the flags the first release
+/// stored in the same field, so tables pinned by it read the same.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Another node's pod CIDR, or its underlay address as a /32: tunnelled to that node.
+    Remote = 0,
+    /// This node's own pod CIDR: its pods are in `ENDPOINTS_V1`, never tunnelled.
+    Local = 1,
+    /// The cluster's whole pod range, below every node's CIDR: matches only addresses that no
+    /// node owns.
+    NoNode = 2,
+}
+
 /// Value of `NODES_V1`, an LPM trie keyed by IPv4 prefix (address bytes in network order): who
 /// owns a pod CIDR, or a node's own underlay address (as a /32).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeEntry {
-    /// The owning node's underlay IPv4 address, network byte order.
+    /// The owning node's underlay IPv4 address, network byte order; zero for [`NodeKind::NoNode`].
     pub addr: [u8; 4],
-    /// `node_flags::*`.
-    pub flags: u32,
+    /// `NodeKind as u32`, kept as a number because a map may hold one this build does not know.
+    kind: u32,
+}
+
+impl NodeEntry {
+    /// A prefix owned by the node at `addr`: another node ([`NodeKind::Remote`]) or this one.
+    pub const fn node(kind: NodeKind, addr: [u8; 4]) -> NodeEntry {
+        NodeEntry {
+            addr,
+            kind: kind as u32,
+        }
+    }
+
+    /// The cluster range no node owns.
+    pub const fn no_node() -> NodeEntry {
+        Self::node(NodeKind::NoNode, [0; 4])
+    }
+
+    /// The entry's kind; `None` for a number this build does not know (written by a newer agent),
+    /// which the programs treat as no node.
+    pub const fn kind(&self) -> Option<NodeKind> {
+        match self.kind {
+            0 => Some(NodeKind::Remote),
+            1 => Some(NodeKind::Local),
+            2 => Some(NodeKind::NoNode),
+            _ => None,
+        }
+    }
+
+    /// Whether this is another node's prefix, tunnelled to it.
+    pub const fn is_remote(&self) -> bool {
+        matches!(self.kind(), Some(NodeKind::Remote))
+    }
 }
 
 #[cfg(feature = "user")]
 // SAFETY: plain-old-data, 8 bytes with no padding.
 unsafe impl aya::Pod for NodeEntry {}
-
-/// Flags of [`NodeEntry`].
-pub mod node_flags {
-    /// This node's own pod CIDR: its pods are in `ENDPOINTS_V1`, never tunnelled.
-    pub const LOCAL: u32 = 1;
-    /// The cluster's whole pod range, below every node's CIDR: matches only addresses that no
-    /// node owns.
-    pub const NO_NODE: u32 = 2;
-}
 
 /// Most entries of `NODES_V1`: a pod CIDR and an address per node, and the cluster range.
 pub const MAX_NODES: u32 = 16384;
@@ -202,7 +241,8 @@ mod tests {
 
     #[test]
     fn reason_numbers_round_trip_and_fit_the_counter_map() {
-        for reason in Reason::ALL {
+        for (i, reason) in Reason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, i, "ALL lists the reasons in number order");
             assert_eq!(Reason::from_u32(reason as u32), Some(reason));
             assert!((reason as u32) < Reason::SLOTS);
         }
@@ -214,6 +254,16 @@ mod tests {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
         assert_eq!(core::mem::size_of::<NodeEntry>(), 8);
         assert_eq!(core::mem::size_of::<DropEvent>(), 24);
+    }
+
+    #[test]
+    fn node_kinds_round_trip_and_unknown_ones_are_none() {
+        for kind in [NodeKind::Remote, NodeKind::Local, NodeKind::NoNode] {
+            assert_eq!(NodeEntry::node(kind, [1, 2, 3, 4]).kind(), Some(kind));
+        }
+        let unknown = NodeEntry { addr: [0; 4], kind: 7 };
+        assert_eq!(unknown.kind(), None);
+        assert!(!unknown.is_remote());
     }
 
     #[test]

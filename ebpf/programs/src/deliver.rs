@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::generated::bpf_redirect_peer, pro
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use podwire_common::{Endpoint, Reason};
 
-use crate::Verdict;
+use crate::Outcome;
 
 const TTL_OFFSET: usize = EthHdr::LEN + 8;
 const CHECK_OFFSET: usize = EthHdr::LEN + 10;
@@ -18,7 +18,7 @@ pub fn to_endpoint(
     ip: &Ipv4Hdr,
     dest: &Endpoint,
     reason: Reason,
-) -> Result<Verdict, Verdict> {
+) -> Result<Outcome, Outcome> {
     let (ttl, proto) = (ip.ttl, ip.proto);
     if ttl <= 1 {
         return Err((Reason::DropTtlExceeded, TC_ACT_SHOT as i32));

@@ -12,14 +12,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use podwire_common::{node_flags, Reason};
+use podwire_common::{NodeKind, Reason};
 
 use crate::{
     counters::verdict,
     deliver,
     maps::{node_of, ENDPOINTS_V1},
     parse::eth_ipv4,
-    tunnel, Verdict, DROP_MALFORMED,
+    tunnel, Outcome, DROP_MALFORMED,
 };
 
 /// skb->pkt_type for a packet addressed to this host.
@@ -34,13 +34,13 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
     verdict(&ctx, reason, action)
 }
 
-fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Verdict> {
-    const SPOOFED: Verdict = (Reason::DropOverlaySpoofed, TC_ACT_SHOT as i32);
+fn try_from_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
+    const SPOOFED: Outcome = (Reason::DropOverlaySpoofed, TC_ACT_SHOT as i32);
     let remote = tunnel::remote(ctx).ok_or(SPOOFED)?;
     // Only IPv4 is tunnelled: anything else claims to be what no node sends.
     let (_, ip) = eth_ipv4(ctx)?.ok_or(SPOOFED)?;
     match node_of(ip.src_addr) {
-        Some(node) if node.flags == 0 && node.addr == remote => {}
+        Some(node) if node.is_remote() && node.addr == remote => {}
         _ => {
             debug!(
                 ctx,
@@ -61,7 +61,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Verdict, Verdict> {
         );
         return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay);
     }
-    if node_of(ip.dst_addr).is_some_and(|n| n.flags & node_flags::LOCAL != 0) {
+    if node_of(ip.dst_addr).is_some_and(|n| matches!(n.kind(), Some(NodeKind::Local))) {
         return Err((Reason::DropNoEndpoint, TC_ACT_SHOT as i32));
     }
     // The inner frame carries the sending node's MACs; the device is NOARP, so nothing here

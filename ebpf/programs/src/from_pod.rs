@@ -12,14 +12,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use podwire_common::{node_flags, Reason};
+use podwire_common::{NodeKind, Reason};
 
 use crate::{
     counters::verdict,
     deliver,
     maps::{node_of, ENDPOINTS_V1},
     parse::eth_ipv4,
-    tunnel, Verdict,
+    tunnel, Outcome,
 };
 
 #[classifier]
@@ -31,7 +31,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     verdict(&ctx, reason, action)
 }
 
-fn try_from_pod(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let Some((eth, ip)) = eth_ipv4(ctx)? else {
         return Ok((Reason::PassNotIpv4, TC_ACT_OK as i32));
     };
@@ -70,33 +70,31 @@ fn try_from_pod(ctx: &TcContext) -> Result<Verdict, Verdict> {
         );
         return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectLocal);
     }
-    match node_of(ip.dst_addr) {
-        Some(node) if node.flags & node_flags::LOCAL != 0 => {
-            Err((Reason::DropNoEndpoint, TC_ACT_SHOT as i32))
-        }
-        Some(node) if node.flags & node_flags::NO_NODE != 0 => {
-            Err((Reason::DropNoNode, TC_ACT_SHOT as i32))
-        }
-        Some(node) if tunnel::enabled() => {
-            debug!(
-                ctx,
-                "from_pod: {:i} -> {:i}: tunnel to {:i}",
-                ip.src_addr(),
-                ip.dst_addr(),
-                core::net::Ipv4Addr::from(node.addr)
-            );
-            tunnel::redirect_to(ctx, &node)
-                .map(|action| (Reason::RedirectOverlay, action))
-                .map_err(|_| (Reason::DropEncapFailed, TC_ACT_SHOT as i32))
-        }
-        _ => {
-            debug!(
-                ctx,
-                "from_pod: {:i} -> {:i}: to host stack",
-                ip.src_addr(),
-                ip.dst_addr()
-            );
-            Ok((Reason::PassToStack, TC_ACT_OK as i32))
+    if let Some(node) = node_of(ip.dst_addr) {
+        match node.kind() {
+            Some(NodeKind::Local) => return Err((Reason::DropNoEndpoint, TC_ACT_SHOT as i32)),
+            Some(NodeKind::NoNode) | None => return Err((Reason::DropNoNode, TC_ACT_SHOT as i32)),
+            Some(NodeKind::Remote) if tunnel::enabled() => {
+                debug!(
+                    ctx,
+                    "from_pod: {:i} -> {:i}: tunnel to {:i}",
+                    ip.src_addr(),
+                    ip.dst_addr(),
+                    core::net::Ipv4Addr::from(node.addr)
+                );
+                return tunnel::redirect_to(ctx, &node)
+                    .map(|action| (Reason::RedirectOverlay, action))
+                    .map_err(|_| (Reason::DropEncapFailed, TC_ACT_SHOT as i32));
+            }
+            // Without an overlay, other nodes' pods are the host stack's to route.
+            Some(NodeKind::Remote) => {}
         }
     }
+    debug!(
+        ctx,
+        "from_pod: {:i} -> {:i}: to host stack",
+        ip.src_addr(),
+        ip.dst_addr()
+    );
+    Ok((Reason::PassToStack, TC_ACT_OK as i32))
 }

@@ -17,9 +17,9 @@ use aya_ebpf::bindings::TC_ACT_SHOT;
 use podwire_common::Reason;
 
 /// Why, and the TC action.
-type Verdict = (Reason, i32);
+type Outcome = (Reason, i32);
 
-const DROP_MALFORMED: Verdict = (Reason::DropMalformed, TC_ACT_SHOT as i32);
+const DROP_MALFORMED: Outcome = (Reason::DropMalformed, TC_ACT_SHOT as i32);
 
 #[cfg(not(test))]
 #[panic_handler]

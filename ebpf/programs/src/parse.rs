@@ -6,7 +6,7 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
-use crate::{Verdict, DROP_MALFORMED};
+use crate::{Outcome, DROP_MALFORMED};
 
 /// A pointer to a `T` at `offset` in the packet, or `None` when the packet is too short.
 #[inline(always)]
@@ -22,7 +22,7 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 /// The Ethernet and IPv4 headers: `Ok(None)` when the frame is not IPv4, a malformed-drop
 /// verdict when it is too short for them or its IPv4 header length is below 20 bytes.
 #[inline(always)]
-pub fn eth_ipv4(ctx: &TcContext) -> Result<Option<(&EthHdr, &Ipv4Hdr)>, Verdict> {
+pub fn eth_ipv4(ctx: &TcContext) -> Result<Option<(&EthHdr, &Ipv4Hdr)>, Outcome> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(DROP_MALFORMED)?;
     // SAFETY: ptr_at checked the header lies inside the packet, which outlives `ctx`'s borrow.
     let eth = unsafe { &*eth };

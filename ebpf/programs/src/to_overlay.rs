@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use podwire_common::Reason;
 
-use crate::{counters::verdict, maps::node_of, parse::eth_ipv4, tunnel, Verdict};
+use crate::{counters::verdict, maps::node_of, parse::eth_ipv4, tunnel, Outcome};
 
 #[classifier]
 pub fn to_overlay(ctx: TcContext) -> i32 {
@@ -25,14 +25,14 @@ pub fn to_overlay(ctx: TcContext) -> i32 {
     verdict(&ctx, reason, action)
 }
 
-fn try_to_overlay(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn try_to_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
     // The device has no ARP and no IPv6, so nothing but IPv4 is expected; anything else goes on
     // unkeyed, for the VXLAN driver to discard.
     let Some((_, ip)) = eth_ipv4(ctx)? else {
         return Ok((Reason::PassNotIpv4, TC_ACT_OK as i32));
     };
     match node_of(ip.dst_addr) {
-        Some(node) if node.flags == 0 => tunnel::set_key(ctx, &node)
+        Some(node) if node.is_remote() => tunnel::set_key(ctx, &node)
             .map(|()| (Reason::EncapHost, TC_ACT_OK as i32))
             .map_err(|_| (Reason::DropEncapFailed, TC_ACT_SHOT as i32)),
         _ => Err((Reason::DropNoNode, TC_ACT_SHOT as i32)),

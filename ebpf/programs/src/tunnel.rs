@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use podwire_common::NodeEntry;
 
-use crate::maps::{VNI, VXLAN_IFINDEX};
+use crate::maps::{TEST_RUN, VNI, VXLAN_IFINDEX};
 
 /// Key size up to (not including) `tunnel_label`: accepted by every kernel since 4.3, while the
 /// full struct grew in 6.0 (local_ipv4, commit 26101f5ab6bd) and older kernels reject it.
@@ -54,6 +54,12 @@ pub fn redirect_to(ctx: &TcContext, node: &NodeEntry) -> Result<i32, i64> {
 /// a tunnel.
 #[inline(always)]
 pub fn remote(ctx: &TcContext) -> Option<[u8; 4]> {
+    if TEST_RUN.load() != 0 {
+        // SAFETY: the kernel hands the program a valid __sk_buff.
+        let cb = unsafe { (*ctx.skb.skb).cb[0] };
+        // The test puts the address in network byte order, as packets carry it.
+        return (cb != 0).then(|| cb.to_ne_bytes());
+    }
     // SAFETY: all-zero is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     // SAFETY: key is a live stack object of at least KEY_SIZE bytes.

@@ -12,25 +12,13 @@ use std::{
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{mac::Mac, state::EndpointRecord};
+use crate::{
+    endpoint::{Attachment, EndpointRecord},
+    mac::Mac,
+};
 
 /// Default socket path of the agent on a node.
 pub const DEFAULT_SOCKET: &str = "/run/podwire/agent.sock";
-
-/// A container's network attachment, as CNI names it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Attachment {
-    #[serde(rename = "containerID")]
-    pub container_id: String,
-    pub ifname: String,
-}
-
-impl Attachment {
-    /// Key of the attachment in the agent's state.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.container_id, self.ifname)
-    }
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]

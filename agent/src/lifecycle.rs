@@ -1,0 +1,269 @@
+//! A pod endpoint's life as the agent sees it: an address allocated, the endpoint registered
+//! (its map entry written and `from_pod` attached to its host-side veth), checked, released,
+//! garbage-collected, and restored when the agent starts again.
+
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use podwire_core::{
+    api::{ApiError, ErrorKind},
+    endpoint::{Attachment, EndpointRecord, VethPair},
+    mac::Mac,
+    pins::Pins,
+};
+use podwire_common::Endpoint;
+use podwire_datapath::{tcx_supported, AttachError, Datapath, Hook, MapError};
+use podwire_netlink::{Netlink, NetlinkError};
+use tracing::{debug, info, warn};
+
+use crate::{
+    error_chain,
+    ipam::{Ipam, IpamError},
+    overlay::{Overlay, VXLAN_DEV},
+    Agent,
+};
+
+/// Errors of an endpoint's lifecycle.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// Register for an attachment that was never allocated an address.
+    #[error("{} has no address: allocate first", .0.key())]
+    NotAllocated(Attachment),
+    /// The agent has no endpoint for the attachment.
+    #[error("the agent has no endpoint for {}", .0.key())]
+    Unknown(Attachment),
+    /// The attachment was allocated an address but never registered.
+    #[error("{} was allocated {ip} but never registered", .attachment.key())]
+    NeverRegistered { attachment: Attachment, ip: Ipv4Addr },
+    /// The endpoint map lacks the endpoint's entry.
+    #[error("endpoint map has no entry for {0}")]
+    NoMapEntry(Ipv4Addr),
+    /// The endpoint map's entry differs from what the record calls for.
+    #[error("endpoint map entry for {ip} is {got:?}, expected {want:?}")]
+    MapEntryDiffers {
+        ip: Ipv4Addr,
+        got: Endpoint,
+        want: Endpoint,
+    },
+    /// `from_pod` is not attached to the endpoint's host-side veth.
+    #[error("from_pod is not attached to {veth} (no link at {})", .pin.display())]
+    NotAttached { veth: String, pin: std::path::PathBuf },
+    /// The endpoint's host-side veth does not exist.
+    #[error("host-side veth {veth} of {ip}: {errno}")]
+    NoHostVeth {
+        veth: String,
+        ip: Ipv4Addr,
+        errno: nix::Error,
+    },
+    /// IPAM failed.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    /// The endpoint map could not be read or written.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// `from_pod` could not be attached or detached.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// A veth could not be deleted.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
+
+/// What the plugin is told: the whole chain, and whether trying again may help.
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> ApiError {
+        let kind = match &e {
+            LifecycleError::Ipam(IpamError::Exhausted(_)) => ErrorKind::TryAgain,
+            LifecycleError::Ipam(_)
+            | LifecycleError::Map(_)
+            | LifecycleError::Attach(_)
+            | LifecycleError::Netlink(_) => ErrorKind::Internal,
+            _ => ErrorKind::Invalid,
+        };
+        ApiError {
+            kind,
+            message: error_chain(&e),
+        }
+    }
+}
+
+impl Agent {
+    /// Takes over a loaded datapath (with pinned maps) and IPAM, and brings the endpoint map and
+    /// the attachments in line with IPAM's records: what they do not know is removed, what they
+    /// know is attached with this agent's program.
+    pub fn start(
+        node: String,
+        mut datapath: Datapath,
+        ipam: Ipam,
+        pins: Pins,
+        pod_mtu: u32,
+        overlay: Option<Overlay>,
+    ) -> Result<Agent, LifecycleError> {
+        let netlink = Netlink::connect()?;
+        if overlay.is_some() {
+            for hook in Hook::overlay(VXLAN_DEV) {
+                datapath.attach_pinned(hook, &hook.pin(&pins))?;
+            }
+        }
+        let known: HashSet<Ipv4Addr> = ipam.records().map(|e| e.ip).collect();
+        for (ip, _) in datapath.endpoints.list()? {
+            if !known.contains(&ip) {
+                info!(%ip, "removing endpoint the state does not know");
+                datapath.endpoints.remove(ip)?;
+            }
+        }
+        let mut agent = Agent {
+            node,
+            datapath,
+            ipam,
+            pins,
+            netlink,
+            pod_mtu,
+            overlay,
+        };
+        let records: Vec<EndpointRecord> = agent.ipam.records().cloned().collect();
+        for record in records {
+            let Some(veth) = &record.veth else {
+                continue;
+            };
+            match agent.attach_endpoint(record.ip, veth) {
+                Ok(()) => debug!(ip = %record.ip, veth = %veth.host_ifname, "endpoint restored"),
+                // The pod went away while the agent was down: DEL or GC will release it.
+                Err(e) => {
+                    warn!(ip = %record.ip, veth = %veth.host_ifname, "cannot restore endpoint: {}", error_chain(&e))
+                }
+            }
+        }
+        Ok(agent)
+    }
+
+    /// The address of `attachment` (allocated now, or the one it holds) and the MTU its pod gets
+    /// unless the plugin's configuration sets one.
+    pub fn allocate(
+        &mut self,
+        attachment: &Attachment,
+        netns: &str,
+    ) -> Result<(Ipv4Addr, u32), LifecycleError> {
+        let ip = self.ipam.allocate(attachment, netns)?;
+        info!(container = %attachment.container_id, %ip, "address allocated");
+        Ok((ip, self.pod_mtu))
+    }
+
+    /// Puts the wired veth pair of an allocated attachment into the datapath and records it.
+    pub fn register(&mut self, attachment: &Attachment, veth: VethPair) -> Result<(), LifecycleError> {
+        let record = self
+            .ipam
+            .get(attachment)
+            .cloned()
+            .ok_or_else(|| LifecycleError::NotAllocated(attachment.clone()))?;
+        if let Err(e) = self.attach_endpoint(record.ip, &veth) {
+            self.detach_endpoint(record.ip, &veth.host_ifname)?;
+            return Err(e);
+        }
+        self.ipam.set_veth(attachment, veth.clone())?;
+        info!(container = %attachment.container_id, ip = %record.ip, veth = %veth.host_ifname, "endpoint registered");
+        Ok(())
+    }
+
+    /// Forgets `attachment`: map entry, attachment, address; its address, if it had one.
+    pub fn release(&mut self, attachment: &Attachment) -> Result<Option<Ipv4Addr>, LifecycleError> {
+        let Some(record) = self.ipam.get(attachment).cloned() else {
+            return Ok(None);
+        };
+        match &record.veth {
+            Some(veth) => self.detach_endpoint(record.ip, &veth.host_ifname)?,
+            None => self.datapath.endpoints.remove(record.ip)?,
+        }
+        self.ipam.release(attachment)?;
+        info!(container = %attachment.container_id, ip = %record.ip, "endpoint released");
+        Ok(Some(record.ip))
+    }
+
+    /// The record of `attachment`, after checking the datapath holds what the record says.
+    pub fn check(&mut self, attachment: &Attachment) -> Result<EndpointRecord, LifecycleError> {
+        let record = self
+            .ipam
+            .get(attachment)
+            .cloned()
+            .ok_or_else(|| LifecycleError::Unknown(attachment.clone()))?;
+        let veth = record
+            .veth
+            .as_ref()
+            .ok_or_else(|| LifecycleError::NeverRegistered {
+                attachment: attachment.clone(),
+                ip: record.ip,
+            })?;
+        let want = endpoint_of(record.ip, veth)?;
+        match self.datapath.endpoints.get(record.ip)? {
+            None => return Err(LifecycleError::NoMapEntry(record.ip)),
+            Some(got) if got != want => {
+                return Err(LifecycleError::MapEntryDiffers {
+                    ip: record.ip,
+                    got,
+                    want,
+                })
+            }
+            Some(_) => {}
+        }
+        let pin = Hook::from_pod(&veth.host_ifname).pin(&self.pins);
+        if tcx_supported() && !pin.exists() {
+            return Err(LifecycleError::NotAttached {
+                veth: veth.host_ifname.clone(),
+                pin,
+            });
+        }
+        Ok(record)
+    }
+
+    /// Removes every attachment not in `valid`, with its host-side veth; returns those removed.
+    pub async fn gc(&mut self, valid: Vec<Attachment>) -> Result<Vec<Attachment>, LifecycleError> {
+        let valid: HashSet<Attachment> = valid.into_iter().collect();
+        let stale: Vec<Attachment> = self
+            .ipam
+            .records()
+            .map(EndpointRecord::attachment)
+            .filter(|a| !valid.contains(a))
+            .collect();
+        for attachment in &stale {
+            if let Some(veth) = self.ipam.get(attachment).and_then(|r| r.veth.clone()) {
+                self.netlink.delete_link(&veth.host_ifname).await?;
+            }
+            self.release(attachment)?;
+            info!(container = %attachment.container_id, ifname = %attachment.ifname, "garbage-collected");
+        }
+        Ok(stale)
+    }
+
+    /// Writes the endpoint map entry of `ip` and attaches `from_pod` to the host side of `veth`.
+    fn attach_endpoint(&mut self, ip: Ipv4Addr, veth: &VethPair) -> Result<(), LifecycleError> {
+        self.datapath.endpoints.set(ip, endpoint_of(ip, veth)?)?;
+        let hook = Hook::from_pod(&veth.host_ifname);
+        self.datapath.attach_pinned(hook, &hook.pin(&self.pins))?;
+        Ok(())
+    }
+
+    /// Removes the map entry of `ip` and the pinned attachment on `host_ifname`.
+    fn detach_endpoint(&mut self, ip: Ipv4Addr, host_ifname: &str) -> Result<(), LifecycleError> {
+        self.datapath.endpoints.remove(ip)?;
+        Datapath::detach_pinned(&Hook::from_pod(host_ifname).pin(&self.pins))?;
+        Ok(())
+    }
+}
+
+/// The endpoint map entry `veth` calls for: its host side's ifindex as it is now, and both MACs.
+fn endpoint_of(ip: Ipv4Addr, veth: &VethPair) -> Result<Endpoint, LifecycleError> {
+    let ifindex = nix::net::if_::if_nametoindex(veth.host_ifname.as_str()).map_err(|errno| {
+        LifecycleError::NoHostVeth {
+            veth: veth.host_ifname.clone(),
+            ip,
+            errno,
+        }
+    })?;
+    let Mac(pod_mac) = veth.pod_mac;
+    let Mac(host_mac) = veth.host_mac;
+    Ok(Endpoint {
+        ifindex,
+        flags: 0,
+        pod_mac,
+        host_mac,
+    })
+}

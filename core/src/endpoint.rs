@@ -1,0 +1,58 @@
+//! A pod's endpoint as the agent records it and the plugin sees it: which container attachment it
+//! is, the address IPAM gave it, and the veth pair the plugin made for it.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mac::Mac;
+
+/// A container's network attachment, as CNI names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl Attachment {
+    /// Key of the attachment in the agent's state.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.container_id, self.ifname)
+    }
+}
+
+/// One pod attachment: its address and, once the plugin has registered it, its veth pair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub container_id: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    /// Set when the plugin registers the veth pair. Named "wiring" in state files and on the
+    /// API socket since the first release, which both still read.
+    #[serde(
+        rename = "wiring",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub veth: Option<VethPair>,
+}
+
+impl EndpointRecord {
+    /// The attachment this record belongs to.
+    pub fn attachment(&self) -> Attachment {
+        Attachment {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+}
+
+/// The veth pair of a registered endpoint: its host side in the node, its peer in the pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VethPair {
+    pub host_ifname: String,
+    pub host_mac: Mac,
+    pub pod_mac: Mac,
+}

@@ -1,0 +1,29 @@
+//! Names of what the eBPF object (`ebpf/programs`) holds. The programs' Rust statics carry the
+//! same names; a map whose layout changes gets a new version suffix, so an agent never reopens a
+//! pinned map of the old layout as the new one.
+
+/// The programs, one per attach point, named from the pod's view.
+pub mod programs {
+    /// tc ingress of a pod's host-side veth: everything the pod sends.
+    pub const FROM_POD: &str = "from_pod";
+    /// tc ingress of the VXLAN device: what other nodes tunnelled here.
+    pub const FROM_OVERLAY: &str = "from_overlay";
+    /// tc egress of the VXLAN device: what goes into the tunnel.
+    pub const TO_OVERLAY: &str = "to_overlay";
+    /// Every program, in load order.
+    pub const ALL: [&str; 3] = [FROM_POD, FROM_OVERLAY, TO_OVERLAY];
+}
+
+/// The maps, all pinned in bpffs so they outlive the agent.
+pub mod maps {
+    /// Per-CPU packet and byte counts per verdict reason.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Pods on this node by IPv4 address.
+    pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+    /// Pod CIDRs and underlay addresses to the node owning them (LPM trie).
+    pub const NODES: &str = "NODES_V1";
+    /// Ring of dropped packets (read by `podwire events`, not by the agent).
+    pub const EVENTS: &str = "EVENTS_V1";
+    /// The maps pinned in bpffs.
+    pub const PINNED: [&str; 4] = [COUNTERS, ENDPOINTS, NODES, EVENTS];
+}

@@ -1,0 +1,200 @@
+//! Attaching the loaded programs to tc hooks: for as long as the [`Datapath`] lives (a developer's
+//! interface), or for good through a link pinned in bpffs (pods and the overlay device), which a
+//! restarted agent swaps its own program into.
+
+use std::{io, path::Path};
+
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        TcAttachType,
+    },
+    util::KernelVersion,
+};
+use podwire_core::{object::programs, pins::Pins};
+
+use crate::Datapath;
+
+/// Errors of attaching and detaching programs.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The object lacks the program: binary and object are out of step.
+    #[error("the eBPF object has no tc program named {0}")]
+    NoProgram(&'static str),
+    /// The clsact qdisc that netlink tc attachment needs (kernels before 6.6) could not be added.
+    #[error("adding the clsact qdisc to {iface}")]
+    Qdisc {
+        iface: String,
+        #[source]
+        source: Box<tc::TcError>,
+    },
+    /// The kernel refused the attachment (e.g. no such interface).
+    #[error("program {program}: attaching to tc {direction:?} of {iface}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        direction: TcAttachType,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// The program could not be swapped into the link pinned for its hook.
+    #[error("program {program}: replacing the program of the link pinned at {path}")]
+    Replace {
+        program: &'static str,
+        path: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// A link could not be pinned, opened from its pin, or unpinned.
+    #[error("pinned link {path}")]
+    Pin {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A tc hook: program, interface and direction.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook<'a> {
+    pub program: &'static str,
+    pub iface: &'a str,
+    pub direction: TcAttachType,
+}
+
+impl<'a> Hook<'a> {
+    /// `from_pod` at ingress of a pod's host-side veth.
+    pub fn from_pod(iface: &'a str) -> Hook<'a> {
+        Hook {
+            program: programs::FROM_POD,
+            iface,
+            direction: TcAttachType::Ingress,
+        }
+    }
+
+    /// `from_overlay` at ingress and `to_overlay` at egress of the VXLAN device.
+    pub fn overlay(iface: &'a str) -> [Hook<'a>; 2] {
+        [
+            Hook {
+                program: programs::FROM_OVERLAY,
+                iface,
+                direction: TcAttachType::Ingress,
+            },
+            Hook {
+                program: programs::TO_OVERLAY,
+                iface,
+                direction: TcAttachType::Egress,
+            },
+        ]
+    }
+
+    /// Where the link of this hook is pinned below `pins`.
+    pub fn pin(&self, pins: &Pins) -> std::path::PathBuf {
+        pins.link(self.program, self.iface)
+    }
+}
+
+/// Whether this kernel has TCX links (6.6, commit e420bed02507); before it aya attaches through
+/// netlink tc, which needs a clsact qdisc and has no links to pin.
+pub fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+impl Datapath {
+    /// Attaches `hook` until this Datapath drops.
+    pub fn attach(&mut self, hook: Hook<'_>) -> Result<(), AttachError> {
+        let link = self.attach_link(hook)?;
+        self.links.push(link);
+        Ok(())
+    }
+
+    /// Attaches `hook` for good: the link is pinned at `pin`, so it stays attached when the agent
+    /// exits, until the pin is removed or the interface deleted. A link already pinned there gets
+    /// this program atomically instead of its old one (agent upgrade).
+    ///
+    /// Kernels before 6.6 have no tc links to pin: the netlink filter simply stays (it holds the
+    /// program), and an existing one is replaced by detaching and attaching again.
+    pub fn attach_pinned(&mut self, hook: Hook<'_>, pin: &Path) -> Result<(), AttachError> {
+        let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Pin {
+            path: pin.display().to_string(),
+            source,
+        };
+        if !tcx_supported() {
+            // Ignoring NotFound: there was no filter to replace.
+            let _ = tc::qdisc_detach_program(hook.iface, hook.direction, hook.program);
+            std::mem::forget(self.attach_link(hook)?);
+            return Ok(());
+        }
+        match PinnedLink::from_pin(pin) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| pin_err(e.into()))?;
+                let program = self.classifier(hook.program)?;
+                let id =
+                    program
+                        .attach_to_link(link)
+                        .map_err(|source| AttachError::Replace {
+                            program: hook.program,
+                            path: pin.display().to_string(),
+                            source: source.into(),
+                        })?;
+                // Closing our descriptor leaves the pinned link attached.
+                drop(program.take_link(id));
+            }
+            Err(_) => {
+                let link = self.attach_link(hook)?;
+                let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
+                fd_link.pin(pin).map_err(|e| pin_err(e.into()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the link pinned at `pin`, detaching its program (no-op when there is none).
+    pub fn detach_pinned(pin: &Path) -> Result<(), AttachError> {
+        match std::fs::remove_file(pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(AttachError::Pin {
+                path: pin.display().to_string(),
+                source: e.into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn attach_link(&mut self, hook: Hook<'_>) -> Result<SchedClassifierLink, AttachError> {
+        let Hook {
+            program: name,
+            iface,
+            direction,
+        } = hook;
+        if !tcx_supported() {
+            match tc::qdisc_add_clsact(iface) {
+                Ok(()) => {}
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => {
+                    return Err(AttachError::Qdisc {
+                        iface: iface.into(),
+                        source: source.into(),
+                    })
+                }
+            }
+        }
+        let program = self.classifier(name)?;
+        let attach_err = |source: aya::programs::ProgramError| AttachError::Attach {
+            program: name,
+            iface: iface.into(),
+            direction,
+            source: source.into(),
+        };
+        let id = program.attach(iface, direction).map_err(attach_err)?;
+        program.take_link(id).map_err(attach_err)
+    }
+
+    fn classifier(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::programs::SchedClassifier, AttachError> {
+        self.program(name).map_err(|_| AttachError::NoProgram(name))
+    }
+}

@@ -1,0 +1,93 @@
+//! What `cargo xtask` built for the lab to run: the binaries, the eBPF object and cnitool. xtask
+//! passes their paths in the environment of the tests it runs; its own commands set the binary
+//! directory with [`set_bin_dir`].
+
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use anyhow::{ensure, Context as _, Result};
+
+/// Environment variable naming the directory of the built binaries.
+pub const BIN_DIR_ENV: &str = "PODWIRE_BIN_DIR";
+/// Environment variable naming the built eBPF object.
+pub const OBJECT_ENV: &str = "PODWIRE_EBPF_OBJECT";
+/// Environment variable naming the built cnitool.
+pub const CNITOOL_ENV: &str = "PODWIRE_CNITOOL";
+
+static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+fn target() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+/// Makes the lab run the binaries in `dir` (a release build, say); call it before anything
+/// else of the lab.
+pub fn set_bin_dir(dir: &Path) {
+    let _ = BIN_DIR.set(dir.to_path_buf());
+}
+
+fn bin_dir() -> &'static Path {
+    BIN_DIR.get_or_init(|| {
+        std::env::var_os(BIN_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target().join("debug"))
+    })
+}
+
+fn existing(path: PathBuf) -> Result<PathBuf> {
+    ensure!(
+        path.exists(),
+        "{} not found: run this through `cargo xtask`, which builds it",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Path of the built binary `name` (podwire-agent, podwire-cni, podwire).
+pub fn bin(name: &str) -> Result<PathBuf> {
+    existing(bin_dir().join(name))
+}
+
+/// The eBPF object, read into memory aligned as the ELF parser needs it (as the agent's
+/// `include_bytes_aligned!` embeds it).
+pub struct Object {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Object {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the words hold `len` initialised bytes; u8 has no alignment requirement.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// The eBPF object `cargo xtask` built.
+pub fn object() -> Result<Object> {
+    let path = std::env::var_os(OBJECT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target().join("ebpf/bpfel-unknown-none/release/podwire"));
+    let path = existing(path)?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+        let mut buf = [0u8; 8];
+        buf[..chunk.len()].copy_from_slice(chunk);
+        *word = u64::from_ne_bytes(buf);
+    }
+    Ok(Object {
+        words,
+        len: bytes.len(),
+    })
+}
+
+/// Path of cnitool, the CNI project's reference runtime client.
+pub fn cnitool() -> Result<PathBuf> {
+    existing(
+        std::env::var_os(CNITOOL_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target().join("tools/cnitool")),
+    )
+}

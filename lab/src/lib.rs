@@ -1,0 +1,31 @@
+//! podwire's lab: a cluster on this machine, for the integration tests, `cargo xtask demo` and
+//! `cargo xtask bench`. Nodes and pods are network namespaces ([`namespaces`]) joined by veths and
+//! an underlay bridge ([`nodes`]); each node runs the real `podwire-agent` ([`processes`]); pods
+//! are wired by exec'ing the real CNI plugin as a container runtime does ([`cni`]); traffic
+//! between them is real ([`traffic`]), and so are the frames crafted for the programs
+//! ([`packets`]). What `cargo xtask` built is found through [`artifacts`].
+//!
+//! Everything made here is removed when its guard drops, also when a test fails; leftovers of a
+//! process that was killed are swept by the next one. Needs root.
+
+pub mod artifacts;
+pub mod cni;
+pub mod namespaces;
+pub mod nodes;
+pub mod packets;
+pub mod processes;
+pub mod traffic;
+
+/// Prefix of every namespace and pin root the lab makes, followed by the role, the process id
+/// and a sequence number (`pwlab-node-4242-0`): the sweep knows its own by it.
+pub const PREFIX: &str = "pwlab";
+
+/// Fails unless this runs as root: the lab must never skip silently.
+pub fn require_root() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "podwire's lab creates network namespaces and loads eBPF: run it as root \
+         (cargo xtask test, cargo xtask demo)"
+    );
+    Ok(())
+}

@@ -1,0 +1,391 @@
+//! Nodes: a namespace running a podwire agent with its own state directory, socket and pin root;
+//! an underlay bridge to plug nodes and other hosts into; a cluster of nodes on it fed by a
+//! cluster file; and the bare node-and-pod pair the datapath tests attach programs to by hand.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{ensure, Context as _, Result};
+use nix::sys::signal::Signal;
+use podwire_common::{Counter, Endpoint, Reason};
+use podwire_core::{
+    cluster::{Cluster as ClusterFile, NodeInfo},
+    pins::Pins,
+};
+use podwire_datapath::{Counters, DatapathMap as _, Endpoints};
+
+use crate::{
+    artifacts::bin,
+    namespaces::{is_stale, unique_name, NetNs},
+    processes::{run, Daemon},
+};
+
+/// A pin root of its own below /sys/fs/bpf, removed with everything pinned in it on drop (links
+/// unpinned detach, maps go once nothing holds them).
+pub struct PinRoot(PathBuf);
+
+impl PinRoot {
+    pub fn new() -> PinRoot {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| {
+            let Ok(entries) = std::fs::read_dir(podwire_core::pins::BPFFS) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                if is_stale(&entry.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        });
+        PinRoot(Path::new(podwire_core::pins::BPFFS).join(unique_name("pins")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn pins(&self) -> Pins {
+        Pins::new(&self.0)
+    }
+}
+
+impl Default for PinRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A node: a namespace holding the node's address and running a podwire agent that serves CNI
+/// requests, with its own state directory, socket and bpffs pins.
+pub struct Node {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    /// What tells the agent its pod CIDR: `--pod-cidr ...` or `--cluster-file ... --node-name ...`.
+    agent_args: Vec<String>,
+    /// Agent log lines are echoed behind this prefix (the demo), or only collected.
+    echo: Option<String>,
+    pub state_dir: tempfile::TempDir,
+    pub pins: PinRoot,
+    agent: Option<Daemon>,
+}
+
+impl Node {
+    /// A node alone: a namespace with `ip` on its loopback (the address it reaches its pods
+    /// from) and an agent serving `pod_cidr`.
+    pub fn start(ip: Ipv4Addr, pod_cidr: &str) -> Result<Node> {
+        let ns = NetNs::new("node")?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+        Self::start_in(ns, ip, vec!["--pod-cidr".into(), pod_cidr.into()], None)
+    }
+
+    /// Starts an agent in `ns` (which holds `ip`) with `agent_args` saying where its pod CIDR
+    /// comes from, and waits until it serves CNI requests.
+    pub fn start_in(
+        ns: NetNs,
+        ip: Ipv4Addr,
+        agent_args: Vec<String>,
+        echo: Option<String>,
+    ) -> Result<Node> {
+        let mut node = Node {
+            ns,
+            ip,
+            agent_args,
+            echo,
+            state_dir: tempfile::tempdir().context("creating the agent's state directory")?,
+            pins: PinRoot::new(),
+            agent: None,
+        };
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    /// The agent's API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.path().join("agent.sock")
+    }
+
+    /// The agent's pin layout.
+    pub fn pins(&self) -> Pins {
+        self.pins.pins()
+    }
+
+    /// A command running `program` in the node's network namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        self.ns.command(program)
+    }
+
+    /// Starts the agent and waits until it serves CNI requests.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let mut cmd = self.command(bin("podwire-agent")?);
+        cmd.args(&self.agent_args)
+            .arg("--state-dir")
+            .arg(self.state_dir.path())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--bpffs")
+            .arg(self.pins.path())
+            .env("PODWIRE_LOG", "info");
+        let mut agent = Daemon::spawn(cmd, self.echo.clone())?;
+        agent
+            .wait_for_line("serving CNI requests")
+            .with_context(|| format!("podwire-agent in {}", self.ns.name()))?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM, as a DaemonSet rollout does, checking it exits cleanly;
+    /// returns its log.
+    pub fn stop_agent(&mut self) -> Result<Vec<String>> {
+        let agent = self.agent.take().context("the agent is not running")?;
+        let (status, log) = agent.stop(Signal::SIGTERM)?;
+        ensure!(
+            status.success(),
+            "agent exit: {status}\n{}",
+            log.join("\n")
+        );
+        Ok(log)
+    }
+
+    /// Runs the `podwire` CLI on this node with `args` (its pin root given), failing unless it
+    /// succeeds.
+    pub fn podwire(&self, args: &[&str]) -> Result<Output> {
+        run(self
+            .command(bin("podwire")?)
+            .arg("--bpffs")
+            .arg(self.pins.path())
+            .args(args))
+    }
+
+    /// The node's pinned endpoint map, as the datapath sees it (readable with the agent down).
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>> {
+        Ok(Endpoints::open(&self.pins())?.list()?)
+    }
+
+    /// The node's pinned count of `reason`, summed over CPUs.
+    pub fn counter(&self, reason: Reason) -> Result<Counter> {
+        Ok(Counters::open(&self.pins())?.get(reason)?)
+    }
+
+    /// Names of the host-side veths the plugin made in this node.
+    pub fn host_veths(&self) -> Result<Vec<String>> {
+        let out = self.ns.ip(&["-j", "link", "show", "type", "veth"])?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(json
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| n.starts_with("pw"))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The agent's persisted state file.
+    pub fn state(&self) -> Result<serde_json::Value> {
+        let path = self.state_dir.path().join("state.json");
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // The agent first: its pins and namespace go after it.
+        drop(self.agent.take());
+    }
+}
+
+/// An underlay network: a bridge in a namespace of its own, which hosts plug into.
+pub struct Underlay {
+    pub ns: NetNs,
+}
+
+/// The bridge's name in the underlay namespace.
+pub const BRIDGE: &str = "br0";
+
+impl Underlay {
+    pub fn new() -> Result<Underlay> {
+        let ns = NetNs::new("underlay")?;
+        ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ns.ip(&["link", "set", BRIDGE, "up"])?;
+        Ok(Underlay { ns })
+    }
+
+    /// A new host for `role` plugged into the bridge as `eth0` with `ip`/24, and IP forwarding
+    /// as given.
+    pub fn plug(&self, role: &str, ip: Ipv4Addr, forwarding: bool) -> Result<NetNs> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let host = NetNs::new(role)?;
+        let port = format!("p{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        self.ns.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            host.name(),
+        ])?;
+        self.ns
+            .ip(&["link", "set", &port, "master", BRIDGE, "up"])?;
+        host.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        host.ip(&["link", "set", "eth0", "up"])?;
+        host.sysctl_ipv4("ip_forward", if forwarding { "1" } else { "0" })?;
+        Ok(host)
+    }
+}
+
+/// The pod range of every lab cluster.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+/// How to start a [`Cluster`].
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSpec {
+    /// How many nodes.
+    pub nodes: usize,
+    /// More arguments for every agent (e.g. `--vni 42`).
+    pub agent_args: Vec<String>,
+    /// Echo the agents' logs, each line behind its node's name.
+    pub echo_agents: bool,
+}
+
+/// Nodes on an underlay, their agents fed by one cluster file. Node `i` (from 0) is named
+/// `node<i+1>`, has the underlay address 192.168.77.<i+1> and pod CIDR 10.244.<i+1>.0/24. IP
+/// forwarding is off in the nodes, so only podwire's eBPF path carries pod traffic.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub underlay: Underlay,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(spec: ClusterSpec) -> Result<Cluster> {
+        let underlay = Underlay::new()?;
+        let dir = tempfile::tempdir().context("creating the cluster file's directory")?;
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            underlay,
+            dir,
+        };
+        let all: Vec<usize> = (0..spec.nodes).collect();
+        cluster.write_members(&all)?;
+        for i in all {
+            let ns = cluster
+                .underlay
+                .plug("node", Self::node_ip(i), false)?;
+            let mut args = vec![
+                "--cluster-file".into(),
+                cluster.file().display().to_string(),
+                "--node-name".into(),
+                Self::node_name(i),
+            ];
+            args.extend(spec.agent_args.iter().cloned());
+            let echo = spec
+                .echo_agents
+                .then(|| format!("  {} agent | ", Self::node_name(i)));
+            cluster
+                .nodes
+                .push(Node::start_in(ns, Self::node_ip(i), args, echo)?);
+        }
+        Ok(cluster)
+    }
+
+    pub fn node_name(i: usize) -> String {
+        format!("node{}", i + 1)
+    }
+
+    pub fn node_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 77, u8::try_from(i + 1).expect("fewer than 255 nodes"))
+    }
+
+    pub fn pod_cidr(i: usize) -> String {
+        format!("10.244.{}.0/24", i + 1)
+    }
+
+    /// The cluster file the agents read.
+    pub fn file(&self) -> PathBuf {
+        self.dir.path().join("cluster.json")
+    }
+
+    /// Rewrites the cluster file to list only the nodes `members` (indices); the agents pick it
+    /// up without a restart.
+    pub fn write_members(&self, members: &[usize]) -> Result<()> {
+        let cluster = ClusterFile {
+            cluster_cidr: Some(CLUSTER_CIDR.parse()?),
+            nodes: members
+                .iter()
+                .map(|&i| -> Result<NodeInfo> {
+                    Ok(NodeInfo {
+                        name: Self::node_name(i),
+                        address: Self::node_ip(i),
+                        pod_cidr: Self::pod_cidr(i).parse()?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        let path = self.file();
+        std::fs::write(&path, serde_json::to_string_pretty(&cluster)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// A "node" namespace and a "pod" namespace joined by a veth: `host0` in the node, `eth0` in the
+/// pod, addressed on one /24. No agent: tests attach the programs themselves.
+pub struct NodeAndPod {
+    pub node: NetNs,
+    pub pod: NetNs,
+}
+
+impl NodeAndPod {
+    pub const HOST_IF: &'static str = "host0";
+    pub const POD_IF: &'static str = "eth0";
+    pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+    pub const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+
+    pub fn new() -> Result<NodeAndPod> {
+        let node = NetNs::new("node")?;
+        let pod = NetNs::new("pod")?;
+        node.ip(&[
+            "link",
+            "add",
+            Self::HOST_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::POD_IF,
+            "netns",
+            pod.name(),
+        ])?;
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::NODE_IP),
+            "dev",
+            Self::HOST_IF,
+        ])?;
+        node.ip(&["link", "set", Self::HOST_IF, "up"])?;
+        pod.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::POD_IP),
+            "dev",
+            Self::POD_IF,
+        ])?;
+        pod.ip(&["link", "set", Self::POD_IF, "up"])?;
+        Ok(NodeAndPod { node, pod })
+    }
+}

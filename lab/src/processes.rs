@@ -1,0 +1,115 @@
+//! Child processes of the lab: commands that must succeed, and daemons (agents, captures) whose
+//! stderr is followed line by line. A daemon is killed when its guard drops.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use nix::{sys::signal::Signal, unistd::Pid};
+
+/// Runs `cmd`, failing with its stderr unless it succeeds.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(out)
+}
+
+/// Waiting for a daemon's line is bounded only against hanging: tests never assert on time.
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process whose stderr lines are collected as they arrive; killed on drop.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every line read so far, for failure messages.
+    pub seen: Vec<String>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with stderr captured; with `echo`, each line is also printed to stderr
+    /// behind that prefix as it comes.
+    pub fn spawn(mut cmd: Command, echo: Option<String>) -> Result<Daemon> {
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(prefix) = &echo {
+                    eprintln!("{prefix}{line}");
+                }
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a stderr line contains `needle`, returning it.
+    pub fn wait_for_line(&mut self, needle: &str) -> Result<String> {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!(
+                    "no line containing {needle:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends `signal` and waits for the process to exit, returning its status and the rest of
+    /// its stderr.
+    pub fn stop(mut self, signal: Signal) -> Result<(ExitStatus, Vec<String>)> {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).with_context(|| format!("sending {signal}"))?;
+        let status = self.child.wait()?;
+        let mut rest = std::mem::take(&mut self.seen);
+        // The reader thread ends at EOF, after the process exits.
+        rest.extend(self.lines.iter());
+        Ok((status, rest))
+    }
+
+    /// Waits for the process to exit by itself, returning its status and all of its stderr.
+    pub fn wait(mut self) -> Result<(ExitStatus, Vec<String>)> {
+        let status = self.child.wait()?;
+        let mut all = std::mem::take(&mut self.seen);
+        all.extend(self.lines.iter());
+        Ok((status, all))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,116 @@
+//! The overlay's netlink side: the collect_md VXLAN device the programs tunnel through, and the
+//! routes that send the node's own traffic for other nodes' pods into it.
+
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    packet_route::route::{RouteAddress, RouteAttribute, RouteScope},
+    LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
+};
+
+use crate::{LinkRef, Netlink, NetlinkError, Op};
+
+/// A collect_md ("external") VXLAN device.
+#[derive(Clone, Copy, Debug)]
+pub struct VxlanDevice<'a> {
+    pub name: &'a str,
+    /// UDP port of the tunnel.
+    pub port: u16,
+    pub mtu: u32,
+}
+
+impl Netlink {
+    /// Creates `device` if no link has its name (no learning, and NOARP since the programs route
+    /// by IP and rewrite MACs), sets its MTU and brings it up; returns its ifindex.
+    pub async fn ensure_vxlan(&self, device: VxlanDevice<'_>) -> Result<u32, NetlinkError> {
+        let VxlanDevice { name, port, mtu } = device;
+        let index = match self.link(LinkRef::Name(name)).await? {
+            Some(link) => link.index,
+            None => {
+                let vxlan = LinkMessageBuilder::<LinkVxlan>::new(name)
+                    .port(port)
+                    .collect_metadata(true)
+                    .learning(false)
+                    .mtu(mtu)
+                    .arp(false)
+                    .build();
+                self.handle()
+                    .link()
+                    .add(vxlan)
+                    .execute()
+                    .await
+                    .map_err(Op::CreateVxlan(name.to_owned()).failed())?;
+                self.existing_link(name).await?.index
+            }
+        };
+        self.handle()
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .map_err(Op::SetUp(name.to_owned()).failed())?;
+        Ok(index)
+    }
+
+    /// Makes the routes out of the link `ifindex` (named `name` in errors) exactly `dsts`, with
+    /// `source` as their preferred source address.
+    pub async fn sync_routes(
+        &self,
+        ifindex: u32,
+        name: &str,
+        source: Ipv4Addr,
+        dsts: &[Ipv4Net],
+    ) -> Result<(), NetlinkError> {
+        let routes: Vec<_> = self
+            .handle()
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Op::ListRoutes.failed())?;
+        for route in routes
+            .into_iter()
+            .filter(|r| r.attributes.contains(&RouteAttribute::Oif(ifindex)))
+        {
+            let dst = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let net =
+                dst.and_then(|ip| Ipv4Net::new(ip, route.header.destination_prefix_length).ok());
+            if let Some(net) = net.filter(|n| !dsts.contains(n)) {
+                self.handle()
+                    .route()
+                    .del(route)
+                    .execute()
+                    .await
+                    .map_err(Op::DeleteRoute(net).failed())?;
+            }
+        }
+        for &dst in dsts {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .output_interface(ifindex)
+                .pref_source(source)
+                .scope(RouteScope::Link)
+                .build();
+            self.handle()
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(
+                    Op::AddRoute {
+                        dst,
+                        link: name.to_owned(),
+                    }
+                    .failed(),
+                )?;
+        }
+        Ok(())
+    }
+}

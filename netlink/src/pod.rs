@@ -1,0 +1,282 @@
+//! A pod's veth pair and addressing: what the CNI plugin makes at ADD and verifies at CHECK (and
+//! `podwire-verify` makes on other kernels).
+//!
+//! Pod addressing follows Calico: the pod's address is a /32, its default route goes via
+//! 169.254.1.1 on a link-scope route, and a permanent neighbour entry maps 169.254.1.1 to the
+//! host-side veth's MAC. The pod therefore never ARPs for its gateway and every packet it sends
+//! reaches `from_pod` on the host side. The node reaches the pod over a /32 route on the veth.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
+};
+
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use podwire_core::endpoint::VethPair;
+use rtnetlink::{
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoData, InfoKind, InfoVeth},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteScope},
+    },
+    LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
+
+use crate::{LinkRef, Mismatch, Netlink, NetlinkError, Op};
+
+/// The pods' gateway: link-local, the same on every node, never on the wire.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// A pod's network namespace, held open, with a netlink connection inside it.
+pub struct PodNetns {
+    netlink: Netlink,
+    ns: File,
+}
+
+impl PodNetns {
+    /// Opens the namespace at `path` (e.g. CNI_NETNS) and connects inside it.
+    pub fn open(path: &str) -> Result<PodNetns, NetlinkError> {
+        let ns = File::open(path).map_err(|source| NetlinkError::Netns {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(PodNetns {
+            netlink: Netlink::connect_in(&ns, path)?,
+            ns,
+        })
+    }
+}
+
+/// A pod's interface as ADD makes it.
+#[derive(Clone, Copy, Debug)]
+pub struct PodInterface<'a> {
+    /// Name of the veth's host side in the node.
+    pub host_ifname: &'a str,
+    /// Name of its peer in the pod (CNI_IFNAME).
+    pub ifname: &'a str,
+    pub ip: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Creates the veth pair, its peer directly inside the pod's namespace, and addresses and routes
+/// both sides; returns the pair with both MACs.
+pub async fn create(
+    host: &Netlink,
+    pod: &PodNetns,
+    want: PodInterface<'_>,
+) -> Result<VethPair, NetlinkError> {
+    let PodInterface {
+        host_ifname,
+        ifname,
+        ip,
+        mtu,
+    } = want;
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(ifname)
+        .mtu(mtu)
+        .setns_by_fd(pod.ns.as_raw_fd())
+        .build();
+    let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(host_ifname)
+        .mtu(mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    host.handle()
+        .link()
+        .add(veth)
+        .execute()
+        .await
+        .map_err(Op::CreateVeth(host_ifname.to_owned()).failed())?;
+
+    let host_link = host.existing_link(host_ifname).await?;
+    let host_mac = host_link.mac()?;
+    set_up(host, host_link.index, host_ifname).await?;
+    add_route(host, Ipv4Net::from(ip), host_link.index, host_ifname).await?;
+
+    let pod_nl = &pod.netlink;
+    let pod_link = pod_nl.existing_link(ifname).await?;
+    let index = pod_link.index;
+    let pod_mac = pod_link.mac()?;
+    pod_nl
+        .handle()
+        .address()
+        .add(index, IpAddr::V4(ip), 32)
+        .execute()
+        .await
+        .map_err(
+            Op::AddAddress {
+                ip,
+                link: ifname.to_owned(),
+            }
+            .failed(),
+        )?;
+    set_up(pod_nl, index, ifname).await?;
+    pod_nl
+        .handle()
+        .neighbours()
+        .add(index, IpAddr::V4(GATEWAY))
+        .link_layer_address(&host_mac.0)
+        .state(NeighbourState::Permanent)
+        .execute()
+        .await
+        .map_err(
+            Op::AddNeighbour {
+                ip: GATEWAY,
+                link: ifname.to_owned(),
+            }
+            .failed(),
+        )?;
+    add_route(pod_nl, Ipv4Net::from(GATEWAY), index, ifname).await?;
+    let default = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(GATEWAY)
+        .output_interface(index)
+        .build();
+    pod_nl
+        .handle()
+        .route()
+        .add(default)
+        .execute()
+        .await
+        .map_err(
+            Op::AddRouteVia {
+                gateway: GATEWAY,
+                link: ifname.to_owned(),
+            }
+            .failed(),
+        )?;
+    Ok(VethPair {
+        host_ifname: host_ifname.to_owned(),
+        host_mac,
+        pod_mac,
+    })
+}
+
+async fn set_up(netlink: &Netlink, index: u32, name: &str) -> Result<(), NetlinkError> {
+    netlink
+        .handle()
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(Op::SetUp(name.to_owned()).failed())
+}
+
+/// A link-scope route to `dst` out of the link `index` (named `name` in errors).
+async fn add_route(
+    netlink: &Netlink,
+    dst: Ipv4Net,
+    index: u32,
+    name: &str,
+) -> Result<(), NetlinkError> {
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build();
+    netlink
+        .handle()
+        .route()
+        .add(route)
+        .execute()
+        .await
+        .map_err(
+            Op::AddRoute {
+                dst,
+                link: name.to_owned(),
+            }
+            .failed(),
+        )
+}
+
+/// Verifies the pod is as ADD left it: the host side of `veth` exists, and in the pod `ifname`
+/// is up with `ip`/32, the gateway's permanent neighbour entry holds the host side's MAC, and
+/// the default route goes via the gateway.
+pub async fn check(
+    host: &Netlink,
+    pod: &PodNetns,
+    veth: &VethPair,
+    ifname: &str,
+    ip: Ipv4Addr,
+) -> Result<(), NetlinkError> {
+    if host.link(LinkRef::Name(&veth.host_ifname)).await?.is_none() {
+        return Err(Mismatch::NoHostVeth(veth.host_ifname.clone()).into());
+    }
+    let pod = &pod.netlink;
+    let found = pod
+        .link(LinkRef::Name(ifname))
+        .await?
+        .ok_or_else(|| Mismatch::NoInterface(ifname.to_owned()))?;
+    let index = found.index;
+    if !found.up {
+        return Err(Mismatch::Down(ifname.to_owned()).into());
+    }
+    let addresses: Vec<_> = pod
+        .handle()
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Op::ListAddresses.failed())?;
+    let has_ip = addresses.iter().any(|a| {
+        a.header.prefix_len == 32
+            && a.attributes
+                .contains(&AddressAttribute::Address(IpAddr::V4(ip)))
+    });
+    if !has_ip {
+        return Err(Mismatch::NoAddress {
+            ifname: ifname.to_owned(),
+            ip,
+        }
+        .into());
+    }
+    let neighbours: Vec<_> = pod
+        .handle()
+        .neighbours()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Op::ListNeighbours.failed())?;
+    let gateway_ok = neighbours.iter().any(|n| {
+        n.header.ifindex == index
+            && n.header.state == NeighbourState::Permanent
+            && n.attributes
+                .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                    GATEWAY,
+                )))
+            && n.attributes
+                .contains(&NeighbourAttribute::LinkLayerAddress(
+                    veth.host_mac.0.to_vec(),
+                ))
+    });
+    if !gateway_ok {
+        return Err(Mismatch::NoGatewayNeighbour {
+            ifname: ifname.to_owned(),
+            host_mac: veth.host_mac,
+        }
+        .into());
+    }
+    let routes: Vec<_> = pod
+        .handle()
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(Op::ListRoutes.failed())?;
+    let default_ok = routes.iter().any(|r| {
+        r.header.destination_prefix_length == 0
+            && r.attributes
+                .contains(&RouteAttribute::Gateway(RouteAddress::Inet(GATEWAY)))
+            && r.attributes.contains(&RouteAttribute::Oif(index))
+    });
+    if !default_ok {
+        return Err(Mismatch::NoDefaultRoute(ifname.to_owned()).into());
+    }
+    Ok(())
+}
