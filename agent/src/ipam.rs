@@ -74,7 +74,11 @@ impl Ipam {
 
     /// The address of `attachment`: the one it already holds, or a newly allocated one (stored
     /// before returning).
-    pub fn allocate(&mut self, attachment: &Attachment, netns: &str) -> Result<Ipv4Addr, IpamError> {
+    pub fn allocate(
+        &mut self,
+        attachment: &Attachment,
+        netns: &str,
+    ) -> Result<Ipv4Addr, IpamError> {
         if let Some(existing) = self.get(attachment) {
             return Ok(existing.ip);
         }

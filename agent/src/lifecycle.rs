@@ -4,13 +4,13 @@
 
 use std::{collections::HashSet, net::Ipv4Addr};
 
+use podwire_common::Endpoint;
 use podwire_core::{
     api::{ApiError, ErrorKind},
     endpoint::{Attachment, EndpointRecord, VethPair},
     mac::Mac,
     pins::Pins,
 };
-use podwire_common::Endpoint;
 use podwire_datapath::{tcx_supported, AttachError, Datapath, Hook, MapError};
 use podwire_netlink::{Netlink, NetlinkError};
 use tracing::{debug, info, warn};
@@ -33,7 +33,10 @@ pub enum LifecycleError {
     Unknown(Attachment),
     /// The attachment was allocated an address but never registered.
     #[error("{} was allocated {ip} but never registered", .attachment.key())]
-    NeverRegistered { attachment: Attachment, ip: Ipv4Addr },
+    NeverRegistered {
+        attachment: Attachment,
+        ip: Ipv4Addr,
+    },
     /// The endpoint map lacks the endpoint's entry.
     #[error("endpoint map has no entry for {0}")]
     NoMapEntry(Ipv4Addr),
@@ -46,7 +49,10 @@ pub enum LifecycleError {
     },
     /// `from_pod` is not attached to the endpoint's host-side veth.
     #[error("from_pod is not attached to {veth} (no link at {})", .pin.display())]
-    NotAttached { veth: String, pin: std::path::PathBuf },
+    NotAttached {
+        veth: String,
+        pin: std::path::PathBuf,
+    },
     /// The endpoint's host-side veth does not exist.
     #[error("host-side veth {veth} of {ip}: {errno}")]
     NoHostVeth {
@@ -149,7 +155,11 @@ impl Agent {
     }
 
     /// Puts the wired veth pair of an allocated attachment into the datapath and records it.
-    pub fn register(&mut self, attachment: &Attachment, veth: VethPair) -> Result<(), LifecycleError> {
+    pub fn register(
+        &mut self,
+        attachment: &Attachment,
+        veth: VethPair,
+    ) -> Result<(), LifecycleError> {
         let record = self
             .ipam
             .get(attachment)

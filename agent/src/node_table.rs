@@ -166,11 +166,26 @@ mod tests {
 
     #[test]
     fn diff_removes_what_left_writes_what_changed_and_keeps_the_rest() {
-        let kept = (net("10.244.2.0/24"), NodeEntry::node(NodeKind::Remote, [1, 1, 1, 2]));
-        let moved_before = (net("10.244.3.0/24"), NodeEntry::node(NodeKind::Remote, [1, 1, 1, 3]));
-        let moved_after = (net("10.244.3.0/24"), NodeEntry::node(NodeKind::Remote, [1, 1, 1, 9]));
-        let gone = (net("10.244.4.0/24"), NodeEntry::node(NodeKind::Remote, [1, 1, 1, 4]));
-        let new = (net("10.244.5.0/24"), NodeEntry::node(NodeKind::Remote, [1, 1, 1, 5]));
+        let kept = (
+            net("10.244.2.0/24"),
+            NodeEntry::node(NodeKind::Remote, [1, 1, 1, 2]),
+        );
+        let moved_before = (
+            net("10.244.3.0/24"),
+            NodeEntry::node(NodeKind::Remote, [1, 1, 1, 3]),
+        );
+        let moved_after = (
+            net("10.244.3.0/24"),
+            NodeEntry::node(NodeKind::Remote, [1, 1, 1, 9]),
+        );
+        let gone = (
+            net("10.244.4.0/24"),
+            NodeEntry::node(NodeKind::Remote, [1, 1, 1, 4]),
+        );
+        let new = (
+            net("10.244.5.0/24"),
+            NodeEntry::node(NodeKind::Remote, [1, 1, 1, 5]),
+        );
         assert_eq!(
             diff(&[kept, moved_before, gone], &[kept, moved_after, new]),
             Changes {

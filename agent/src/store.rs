@@ -82,12 +82,14 @@ impl Store {
     /// What the store holds; `None` when nothing was ever stored (its directory is created then).
     pub fn load(&self) -> Result<Option<Allocations>, StoreError> {
         match fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    source,
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        source,
+                    })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if let Some(dir) = self.path.parent() {
                     fs::create_dir_all(dir).map_err(self.io_err())?;

@@ -2,7 +2,7 @@
 //! <https://github.com/containernetworking/cni/blob/main/SPEC.md#error>
 
 use podwire_core::api::{ClientError, ErrorKind};
-use podwire_netlink::NetlinkError;
+use podwire_netlink::{pod::CheckError, NetlinkError};
 use serde::Serialize;
 
 /// Well-known error codes of the CNI spec (1-99 reserved), and podwire's own (100+).
@@ -63,10 +63,18 @@ impl From<NetlinkError> for CniError {
     fn from(e: NetlinkError) -> CniError {
         let code = match &e {
             NetlinkError::Netns { .. } => code::INVALID_ENV,
-            NetlinkError::Mismatch(_) => code::CHECK_FAILED,
             _ => code::IO_FAILURE,
         };
         CniError::new(code, chain(&e))
+    }
+}
+
+impl From<CheckError> for CniError {
+    fn from(e: CheckError) -> CniError {
+        match e {
+            CheckError::Mismatch(m) => CniError::new(code::CHECK_FAILED, m.to_string()),
+            CheckError::Netlink(e) => e.into(),
+        }
     }
 }
 

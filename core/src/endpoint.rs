@@ -31,11 +31,7 @@ pub struct EndpointRecord {
     pub netns: String,
     /// Set when the plugin registers the veth pair. Named "wiring" in state files and on the
     /// API socket since the first release, which both still read.
-    #[serde(
-        rename = "wiring",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "wiring", default, skip_serializing_if = "Option::is_none")]
     pub veth: Option<VethPair>,
 }
 
@@ -55,4 +51,34 @@ pub struct VethPair {
     pub host_ifname: String,
     pub host_mac: Mac,
     pub pod_mac: Mac,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file written by the first release (and the API's Checked reply) reads the same.
+    #[test]
+    fn records_keep_their_json_names() {
+        let json = r#"{"container_id":"c1","ifname":"eth0","ip":"10.244.1.2","netns":"/run/netns/p",
+            "wiring":{"host_ifname":"pw0123456789a","host_mac":"0a:58:0a:f4:01:01",
+            "pod_mac":"0a:58:0a:f4:01:02"}}"#;
+        let record: EndpointRecord = serde_json::from_str(json).unwrap();
+        let veth = record
+            .veth
+            .as_ref()
+            .expect("the veth pair is read from \"wiring\"");
+        assert_eq!(veth.host_ifname, "pw0123456789a");
+        assert_eq!(veth.pod_mac.to_string(), "0a:58:0a:f4:01:02");
+        let written = serde_json::to_value(&record).unwrap();
+        assert_eq!(written["wiring"]["host_mac"], "0a:58:0a:f4:01:01");
+        let unregistered = EndpointRecord {
+            veth: None,
+            ..record
+        };
+        assert!(serde_json::to_value(&unregistered)
+            .unwrap()
+            .get("wiring")
+            .is_none());
+    }
 }

@@ -14,7 +14,7 @@ use aya::{
 };
 use podwire_core::{object::programs, pins::Pins};
 
-use crate::Datapath;
+use crate::load::Datapath;
 
 /// Errors of attaching and detaching programs.
 #[derive(Debug, thiserror::Error)]
@@ -131,14 +131,13 @@ impl Datapath {
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                     .map_err(|e| pin_err(e.into()))?;
                 let program = self.classifier(hook.program)?;
-                let id =
-                    program
-                        .attach_to_link(link)
-                        .map_err(|source| AttachError::Replace {
-                            program: hook.program,
-                            path: pin.display().to_string(),
-                            source: source.into(),
-                        })?;
+                let id = program
+                    .attach_to_link(link)
+                    .map_err(|source| AttachError::Replace {
+                        program: hook.program,
+                        path: pin.display().to_string(),
+                        source: source.into(),
+                    })?;
                 // Closing our descriptor leaves the pinned link attached.
                 drop(program.take_link(id));
             }

@@ -42,7 +42,10 @@ impl CniOutput {
             json["cniVersion"].is_string(),
             "the error carries no cniVersion: {json}"
         );
-        Ok(json["msg"].as_str().context("the error has no msg")?.to_owned())
+        Ok(json["msg"]
+            .as_str()
+            .context("the error has no msg")?
+            .to_owned())
     }
 
     /// Checks the invocation succeeded; returns its stdout as JSON.
@@ -78,7 +81,10 @@ impl Node {
         let plugin = bin("podwire-cni")?;
         let mut cmd: Command = self.command(&plugin);
         cmd.env("CNI_COMMAND", command)
-            .env("CNI_PATH", plugin.parent().expect("a binary lives in a directory"))
+            .env(
+                "CNI_PATH",
+                plugin.parent().expect("a binary lives in a directory"),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -15,6 +15,7 @@ pub mod nodes;
 pub mod packets;
 pub mod processes;
 pub mod traffic;
+pub mod vm;
 
 /// Prefix of every namespace and pin root the lab makes, followed by the role, the process id
 /// and a sequence number (`pwlab-node-4242-0`): the sweep knows its own by it.

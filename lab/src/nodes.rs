@@ -148,11 +148,7 @@ impl Node {
     pub fn stop_agent(&mut self) -> Result<Vec<String>> {
         let agent = self.agent.take().context("the agent is not running")?;
         let (status, log) = agent.stop(Signal::SIGTERM)?;
-        ensure!(
-            status.success(),
-            "agent exit: {status}\n{}",
-            log.join("\n")
-        );
+        ensure!(status.success(), "agent exit: {status}\n{}", log.join("\n"));
         Ok(log)
     }
 
@@ -283,9 +279,7 @@ impl Cluster {
         let all: Vec<usize> = (0..spec.nodes).collect();
         cluster.write_members(&all)?;
         for i in all {
-            let ns = cluster
-                .underlay
-                .plug("node", Self::node_ip(i), false)?;
+            let ns = cluster.underlay.plug("node", Self::node_ip(i), false)?;
             let mut args = vec![
                 "--cluster-file".into(),
                 cluster.file().display().to_string(),
@@ -308,7 +302,12 @@ impl Cluster {
     }
 
     pub fn node_ip(i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(192, 168, 77, u8::try_from(i + 1).expect("fewer than 255 nodes"))
+        Ipv4Addr::new(
+            192,
+            168,
+            77,
+            u8::try_from(i + 1).expect("fewer than 255 nodes"),
+        )
     }
 
     pub fn pod_cidr(i: usize) -> String {

@@ -3,9 +3,6 @@
 use std::{fmt, io, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use podwire_core::mac::Mac;
-
-use crate::pod::GATEWAY;
 
 /// Errors of netlink operations.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +34,6 @@ pub enum NetlinkError {
     /// No interface of the namespace holds the address.
     #[error("no interface in this network namespace holds {0}")]
     NoAddress(Ipv4Addr),
-    /// A pod is not wired as ADD left it.
-    #[error(transparent)]
-    Mismatch(#[from] Mismatch),
 }
 
 /// A netlink operation, named in errors.
@@ -87,27 +81,4 @@ impl Op {
     pub(crate) fn failed(self) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
         move |source| NetlinkError::Request { op: self, source }
     }
-}
-
-/// How a pod's interface differs from what ADD made (CNI CHECK).
-#[derive(Debug, thiserror::Error)]
-pub enum Mismatch {
-    /// The pod's interface is gone.
-    #[error("{0} is missing from the pod's netns")]
-    NoInterface(String),
-    /// The pod's interface is down.
-    #[error("{0} is down")]
-    Down(String),
-    /// The pod's interface lost its address.
-    #[error("{ifname} does not hold {ip}/32")]
-    NoAddress { ifname: String, ip: Ipv4Addr },
-    /// The gateway's permanent neighbour entry is gone or names another MAC.
-    #[error("no permanent neighbour entry {GATEWAY} -> {host_mac} on {ifname}")]
-    NoGatewayNeighbour { ifname: String, host_mac: Mac },
-    /// The default route via the gateway is gone.
-    #[error("no default route via {GATEWAY} dev {0}")]
-    NoDefaultRoute(String),
-    /// The host side of the veth pair is gone.
-    #[error("host-side veth {0} is missing")]
-    NoHostVeth(String),
 }

@@ -10,7 +10,10 @@ use rtnetlink::{
     LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
 };
 
-use crate::{LinkRef, Netlink, NetlinkError, Op};
+use crate::{
+    error::{NetlinkError, Op},
+    link::{LinkRef, Netlink},
+};
 
 /// A collect_md ("external") VXLAN device.
 #[derive(Clone, Copy, Debug)]

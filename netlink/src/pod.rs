@@ -14,7 +14,7 @@ use std::{
 
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
-use podwire_core::endpoint::VethPair;
+use podwire_core::{endpoint::VethPair, mac::Mac};
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
@@ -25,7 +25,10 @@ use rtnetlink::{
     LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
 
-use crate::{LinkRef, Mismatch, Netlink, NetlinkError, Op};
+use crate::{
+    error::{NetlinkError, Op},
+    link::{LinkRef, Netlink},
+};
 
 /// The pods' gateway: link-local, the same on every node, never on the wire.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -176,19 +179,47 @@ async fn add_route(
         .output_interface(index)
         .scope(RouteScope::Link)
         .build();
-    netlink
-        .handle()
-        .route()
-        .add(route)
-        .execute()
-        .await
-        .map_err(
-            Op::AddRoute {
-                dst,
-                link: name.to_owned(),
-            }
-            .failed(),
-        )
+    netlink.handle().route().add(route).execute().await.map_err(
+        Op::AddRoute {
+            dst,
+            link: name.to_owned(),
+        }
+        .failed(),
+    )
+}
+
+/// How a pod's interface differs from what ADD made (CNI CHECK).
+#[derive(Debug, thiserror::Error)]
+pub enum Mismatch {
+    /// The pod's interface is gone.
+    #[error("{0} is missing from the pod's netns")]
+    NoInterface(String),
+    /// The pod's interface is down.
+    #[error("{0} is down")]
+    Down(String),
+    /// The pod's interface lost its address.
+    #[error("{ifname} does not hold {ip}/32")]
+    NoAddress { ifname: String, ip: Ipv4Addr },
+    /// The gateway's permanent neighbour entry is gone or names another MAC.
+    #[error("no permanent neighbour entry {GATEWAY} -> {host_mac} on {ifname}")]
+    NoGatewayNeighbour { ifname: String, host_mac: Mac },
+    /// The default route via the gateway is gone.
+    #[error("no default route via {GATEWAY} dev {0}")]
+    NoDefaultRoute(String),
+    /// The host side of the veth pair is gone.
+    #[error("host-side veth {0} is missing")]
+    NoHostVeth(String),
+}
+
+/// Errors of CHECK.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The pod is not wired as ADD left it.
+    #[error(transparent)]
+    Mismatch(#[from] Mismatch),
+    /// Looking at it failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
 }
 
 /// Verifies the pod is as ADD left it: the host side of `veth` exists, and in the pod `ifname`
@@ -200,7 +231,7 @@ pub async fn check(
     veth: &VethPair,
     ifname: &str,
     ip: Ipv4Addr,
-) -> Result<(), NetlinkError> {
+) -> Result<(), CheckError> {
     if host.link(LinkRef::Name(&veth.host_ifname)).await?.is_none() {
         return Err(Mismatch::NoHostVeth(veth.host_ifname.clone()).into());
     }
@@ -249,10 +280,9 @@ pub async fn check(
                 .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(
                     GATEWAY,
                 )))
-            && n.attributes
-                .contains(&NeighbourAttribute::LinkLayerAddress(
-                    veth.host_mac.0.to_vec(),
-                ))
+            && n.attributes.contains(&NeighbourAttribute::LinkLayerAddress(
+                veth.host_mac.0.to_vec(),
+            ))
     });
     if !gateway_ok {
         return Err(Mismatch::NoGatewayNeighbour {

@@ -1,52 +1,50 @@
 //! The podwire-agent binary as a developer runs it (`cargo xtask run -- --iface <veth>`): it loads
 //! and attaches, logs what the programs see, and leaves nothing attached after SIGINT or SIGTERM.
 
-use std::{net::UdpSocket, process::Command};
+use std::net::UdpSocket;
 
+use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use nix::sys::signal::Signal;
-use podwire_tests::{bin, Daemon, NodeAndPod};
+use podwire_lab::{artifacts, nodes::NodeAndPod, processes::Daemon};
 
 /// Names of the tc ingress programs attached to `iface` in the calling thread's namespace.
-fn tcx_ingress(iface: &str) -> Vec<String> {
+fn tcx_ingress(iface: &str) -> Result<Vec<String>> {
     let (_, programs) =
-        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).expect("querying tcx ingress");
-    programs
+        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).context("querying tcx ingress")?;
+    Ok(programs
         .iter()
         .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-        .collect()
+        .collect())
 }
 
-fn agent_in(net: &NodeAndPod) -> Daemon {
-    let mut cmd = net.node.command(bin("podwire-agent"));
+fn agent_in(net: &NodeAndPod) -> Result<Daemon> {
+    let mut cmd = net.node.command(artifacts::bin("podwire-agent")?);
     cmd.args(["--iface", NodeAndPod::HOST_IF])
         .env("PODWIRE_LOG", "info,podwire=debug");
-    Daemon::spawn(cmd)
+    Daemon::spawn(cmd, None)
 }
 
-fn attach_log_and_detach_on(signal: Signal) {
-    let net = NodeAndPod::new();
-    let mut agent = agent_in(&net);
-    agent.wait_for_line("attached from_pod to tc ingress");
+fn attach_log_and_detach_on(signal: Signal) -> Result<()> {
+    let net = NodeAndPod::new()?;
+    let mut agent = agent_in(&net)?;
+    agent.wait_for_line("attached from_pod to tc ingress")?;
     assert_eq!(
-        net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF)),
+        net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF))??,
         ["from_pod"]
     );
 
     // No pod is registered in developer mode, so from_pod drops the veth's traffic as spoofed:
     // its own log records, streamed through aya-log, say so for each packet.
-    let sender = net
-        .pod
-        .run(|| UdpSocket::bind((NodeAndPod::POD_IP, 0)))
-        .unwrap();
+    let sender = net.pod.run(|| UdpSocket::bind((NodeAndPod::POD_IP, 0)))??;
     for _ in 0..3 {
-        sender.send_to(b"ping", (NodeAndPod::NODE_IP, 9)).unwrap();
+        sender.send_to(b"ping", (NodeAndPod::NODE_IP, 9))?;
     }
     for _ in 0..3 {
-        agent.wait_for_line("from_pod: drop, source 10.244.0.2 does not belong to ifindex");
+        agent.wait_for_line("from_pod: drop, source 10.244.0.2 does not belong to ifindex")?;
     }
 
-    let (status, rest) = agent.stop(signal);
+    let (status, rest) = agent.stop(signal)?;
     assert!(
         status.success(),
         "agent exit after {signal}: {status}; stderr:\n{}",
@@ -59,27 +57,30 @@ fn attach_log_and_detach_on(signal: Signal) {
     );
     assert!(all.contains("detached"), "{all}");
     assert!(
-        net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF)).is_empty(),
+        net.node
+            .run(|| tcx_ingress(NodeAndPod::HOST_IF))??
+            .is_empty(),
         "nothing stays attached after {signal}"
     );
+    Ok(())
 }
 
 #[test]
-fn agent_attaches_logs_traffic_and_detaches_on_sigint() {
-    attach_log_and_detach_on(Signal::SIGINT);
+fn agent_attaches_logs_traffic_and_detaches_on_sigint() -> Result<()> {
+    attach_log_and_detach_on(Signal::SIGINT)
 }
 
 #[test]
-fn agent_attaches_logs_traffic_and_detaches_on_sigterm() {
-    attach_log_and_detach_on(Signal::SIGTERM);
+fn agent_attaches_logs_traffic_and_detaches_on_sigterm() -> Result<()> {
+    attach_log_and_detach_on(Signal::SIGTERM)
 }
 
 #[test]
-fn agent_names_a_missing_interface_and_attaches_nothing() {
-    let net = NodeAndPod::new();
-    let mut cmd: Command = net.node.command(bin("podwire-agent"));
+fn agent_names_a_missing_interface_and_attaches_nothing() -> Result<()> {
+    let net = NodeAndPod::new()?;
+    let mut cmd = net.node.command(artifacts::bin("podwire-agent")?);
     cmd.args(["--iface", NodeAndPod::HOST_IF, "--iface", "nosuch0"]);
-    let (status, lines) = Daemon::spawn(cmd).wait();
+    let (status, lines) = Daemon::spawn(cmd, None)?.wait()?;
     let all = lines.join("\n");
     assert!(!status.success(), "agent must fail: {all}");
     assert!(
@@ -87,7 +88,10 @@ fn agent_names_a_missing_interface_and_attaches_nothing() {
         "error names the interface:\n{all}"
     );
     assert!(
-        net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF)).is_empty(),
+        net.node
+            .run(|| tcx_ingress(NodeAndPod::HOST_IF))??
+            .is_empty(),
         "the interface attached before the error is detached again"
     );
+    Ok(())
 }

@@ -5,71 +5,48 @@
 
 use std::{
     net::Ipv4Addr,
-    path::PathBuf,
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
 };
 
+use anyhow::{Context as _, Result};
 use aya::{
     maps::MapData,
     programs::{TestRun as _, TestRunOptions},
 };
-use podwire_agent::{
-    datapath::{maps, programs, Datapath, LogLevel},
-    pins::Pins,
-};
 use podwire_common::{Endpoint, Reason};
-use podwire_tests::{bin, packet, ping, require_root, run, NetNs, Node};
+use podwire_core::object::{maps, programs};
+use podwire_datapath::{bpffs, Datapath, LoadOptions};
+use podwire_lab::{
+    artifacts,
+    namespaces::NetNs,
+    nodes::{Node, PinRoot},
+    packets::udp_v4,
+    processes::run,
+    require_root,
+    traffic::ping,
+};
 use serde_json::{json, Value};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
-/// A pin root of its own below /sys/fs/bpf, removed with everything pinned in it on drop, also
-/// when the test fails.
-struct PinRoot(PathBuf);
-
-impl PinRoot {
-    fn new() -> PinRoot {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        PinRoot(PathBuf::from(format!(
-            "/sys/fs/bpf/pwt-cli-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        )))
-    }
-
-    fn pins(&self) -> Pins {
-        Pins::new(&self.0)
-    }
+/// `podwire args...` in `node`'s network namespace, so interface names resolve as on the node;
+/// the lab enters no mount namespace, so the bpffs pins stay visible.
+fn podwire(node: &NetNs, args: &[&str]) -> Result<Command> {
+    let mut cmd = node.command(artifacts::bin("podwire")?);
+    cmd.args(args);
+    Ok(cmd)
 }
 
-impl Drop for PinRoot {
-    fn drop(&mut self) {
-        // Unlinking a pin releases the map once nothing else holds it.
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn stdout(out: &Output) -> Result<String> {
+    String::from_utf8(out.stdout.clone()).context("output is not UTF-8")
 }
 
-/// `podwire args...` in `netns`'s network namespace only (not its mount namespace, as `ip netns
-/// exec` would do), so interface names resolve as on the node and the bpffs pins stay visible.
-fn podwire(netns: &NetNs, args: &[&str]) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", netns.name()))
-        .arg(bin("podwire"))
-        .args(args);
-    cmd
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8(out.stdout.clone()).expect("UTF-8 output")
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "output is not JSON ({e}):\n{}",
+fn json(out: &Output) -> Result<Value> {
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "output is not JSON:\n{}",
             String::from_utf8_lossy(&out.stdout)
         )
     })
@@ -85,20 +62,26 @@ fn table_rows(table: &str) -> Vec<Vec<String>> {
 }
 
 #[test]
-fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
-    require_root();
+fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() -> Result<()> {
+    require_root()?;
     // The node's namespace: interface names are resolved in it.
-    let node = NetNs::new("node");
+    let node = NetNs::new("node")?;
     node.ip(&[
         "link", "add", "pwcli0", "type", "veth", "peer", "name", "pwcli0p",
-    ]);
-    let (veth_ifindex, _) = node.link("pwcli0");
+    ])?;
+    let (veth_ifindex, _) = node.link("pwcli0")?;
 
     let root = PinRoot::new();
     let pins = root.pins();
-    pins.prepare().expect("preparing the pin root");
-    let mut datapath =
-        Datapath::load(LogLevel::Off, Some(&pins), None).expect("loading the datapath");
+    let object = artifacts::object()?;
+    let mut datapath = Datapath::load(
+        object.bytes(),
+        LoadOptions {
+            pins: Some(&pins),
+            ..LoadOptions::default()
+        },
+    )
+    .context("loading the datapath")?;
 
     // Numeric order differs from string order (.9 < .10 < .100), and the map gets them unsorted.
     let a = Ipv4Addr::new(10, 244, 0, 9);
@@ -116,18 +99,18 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
     // No interface has this ifindex in the node.
     let c_ep = endpoint(4000, 0x64);
     for (ip, ep) in [(c, c_ep), (a, a_ep), (b, b_ep)] {
-        datapath.set_endpoint(ip, ep).expect("writing an endpoint");
+        datapath.endpoints.set(ip, ep)?;
     }
 
-    let to_b = packet::udp_v4(a_ep.pod_mac, a, b, b"hello b");
-    let to_b_big = packet::udp_v4(a_ep.pod_mac, a, b, &[7; 300]);
-    let to_node = packet::udp_v4(
+    let to_b = udp_v4(a_ep.pod_mac, a, b, b"hello b");
+    let to_b_big = udp_v4(a_ep.pod_mac, a, b, &[7; 300]);
+    let to_node = udp_v4(
         a_ep.pod_mac,
         a,
         Ipv4Addr::new(192, 168, 77, 1),
         b"to the node",
     );
-    let spoofed = packet::udp_v4(a_ep.pod_mac, Ipv4Addr::new(10, 244, 0, 99), b, b"x");
+    let spoofed = udp_v4(a_ep.pod_mac, Ipv4Addr::new(10, 244, 0, 99), b, b"x");
     for (frame, verdict) in [
         (&to_b, TC_ACT_REDIRECT),
         (&to_b_big, TC_ACT_REDIRECT),
@@ -135,13 +118,12 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
         (&spoofed, TC_ACT_SHOT),
     ] {
         let result = datapath
-            .classifier(programs::FROM_POD)
-            .expect("from_pod")
+            .program(programs::FROM_POD)?
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 ..Default::default()
             })
-            .expect("BPF_PROG_TEST_RUN");
+            .context("BPF_PROG_TEST_RUN")?;
         assert_eq!(
             result.return_value,
             verdict,
@@ -156,15 +138,16 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
         { "reason": "redirect-local", "verdict": "redirect", "packets": 2, "bytes": len(&to_b) + len(&to_b_big) },
         { "reason": "drop-spoofed-ip", "verdict": "drop", "packets": 1, "bytes": len(&spoofed) },
     ]);
+    let caused_rows = caused.as_array().context("an array")?;
 
     // The agent is down: only the pins remain.
     drop(datapath);
-    let bpffs = root.0.to_str().unwrap();
+    let bpffs = root.path().display().to_string();
 
     let endpoints = json(&run(&mut podwire(
         &node,
-        &["--bpffs", bpffs, "endpoints", "-o", "json"],
-    )));
+        &["--bpffs", &bpffs, "endpoints", "-o", "json"],
+    )?)?)?;
     assert_eq!(
         endpoints,
         json!([
@@ -177,7 +160,10 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
         ])
     );
 
-    let table = stdout(&run(&mut podwire(&node, &["--bpffs", bpffs, "endpoints"])));
+    let table = stdout(&run(&mut podwire(
+        &node,
+        &["--bpffs", &bpffs, "endpoints"],
+    )?)?)?;
     // Header cells hold single spaces; columns are apart by at least two.
     let header: Vec<&str> = table
         .lines()
@@ -223,21 +209,16 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
     // Every reason, in order: what the packets caused, zero elsewhere; the pin root from the
     // environment this time.
     let counters = json(&run(
-        podwire(&node, &["counters", "-o", "json"]).env("PODWIRE_BPFFS", bpffs)
-    ));
-    let counters = counters.as_array().expect("an array");
+        podwire(&node, &["counters", "-o", "json"])?.env("PODWIRE_BPFFS", &bpffs)
+    )?)?;
+    let counters = counters.as_array().context("an array")?;
     let names: Vec<&str> = counters
         .iter()
-        .map(|r| r["reason"].as_str().expect("reason"))
-        .collect();
+        .map(|r| r["reason"].as_str().context("reason"))
+        .collect::<Result<_>>()?;
     assert_eq!(names, Reason::ALL.map(Reason::name));
     for (row, reason) in counters.iter().zip(Reason::ALL) {
-        match caused
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["reason"] == reason.name())
-        {
+        match caused_rows.iter().find(|c| c["reason"] == reason.name()) {
             Some(expected) => assert_eq!(row, expected),
             None => assert_eq!(
                 (&row["packets"], &row["bytes"]),
@@ -245,19 +226,20 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
                 "{row}"
             ),
         }
+        assert_eq!(row["verdict"], reason.verdict().name(), "{row}");
         assert_eq!(row["verdict"] == "drop", reason.is_drop(), "{row}");
     }
 
     let nonzero = json(&run(&mut podwire(
         &node,
-        &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"],
-    )));
+        &["--bpffs", &bpffs, "counters", "--nonzero", "-o", "json"],
+    )?)?)?;
     assert_eq!(nonzero, caused);
 
     let table = stdout(&run(&mut podwire(
         &node,
-        &["--bpffs", bpffs, "counters", "--nonzero"],
-    )));
+        &["--bpffs", &bpffs, "counters", "--nonzero"],
+    )?)?)?;
     let header: Vec<&str> = table
         .lines()
         .next()
@@ -266,9 +248,7 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
         .collect();
     assert_eq!(header, ["REASON", "VERDICT", "PACKETS", "BYTES"], "{table}");
     let cell = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-    let expected_rows: Vec<Vec<String>> = caused
-        .as_array()
-        .unwrap()
+    let expected_rows: Vec<Vec<String>> = caused_rows
         .iter()
         .map(|c| {
             ["reason", "verdict", "packets", "bytes"]
@@ -278,53 +258,67 @@ fn endpoints_and_counters_read_from_the_pins_of_a_stopped_datapath() {
         })
         .collect();
     assert_eq!(table_rows(&table), expected_rows, "{table}");
+    Ok(())
 }
 
 #[test]
-fn a_missing_pin_root_is_an_error_naming_the_path() {
-    require_root();
+fn a_missing_pin_root_is_an_error_naming_the_path() -> Result<()> {
+    require_root()?;
     let root = PinRoot::new();
-    assert!(!root.0.exists());
-    let node = NetNs::new("node");
+    assert!(!root.path().exists());
+    let node = NetNs::new("node")?;
+    let shown = root.path().display().to_string();
     for (verb, map) in [("endpoints", maps::ENDPOINTS), ("counters", maps::COUNTERS)] {
-        let out = podwire(&node, &["--bpffs", root.0.to_str().unwrap(), verb])
+        let out = podwire(&node, &["--bpffs", &shown, verb])?
             .output()
-            .expect("podwire");
+            .context("running podwire")?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{verb}: {stderr}");
         assert!(
             out.stdout.is_empty(),
             "{verb}: nothing on stdout for scripts to misparse"
         );
-        let shown = root.0.display();
         let expected = format!(
             "no pinned map at {shown}/maps/{map}: \
              is the podwire agent running on this node with --bpffs {shown}, or was it ever started?"
         );
         assert!(stderr.contains(&expected), "{verb}: {stderr}");
     }
+    Ok(())
 }
 
 #[test]
-fn a_pinned_map_of_another_layout_is_refused_not_misread() {
-    require_root();
+fn a_pinned_map_of_another_layout_is_refused_not_misread() -> Result<()> {
+    require_root()?;
     let real = PinRoot::new();
     let pins = real.pins();
-    pins.prepare().expect("preparing the pin root");
-    drop(Datapath::load(LogLevel::Off, Some(&pins), None).expect("loading the datapath"));
+    let object = artifacts::object()?;
+    drop(
+        Datapath::load(
+            object.bytes(),
+            LoadOptions {
+                pins: Some(&pins),
+                ..LoadOptions::default()
+            },
+        )
+        .context("loading the datapath")?,
+    );
     // A root whose endpoint pin is really the per-CPU counter array.
     let odd = PinRoot::new();
     let odd_pins = odd.pins();
-    odd_pins.prepare().expect("preparing the pin root");
-    let counters = MapData::from_pin(pins.map(maps::COUNTERS)).expect("the pinned counters");
+    bpffs::prepare(&odd_pins).context("preparing the pin root")?;
+    let counters = MapData::from_pin(pins.map(maps::COUNTERS)).context("the pinned counters")?;
     counters
         .pin(odd_pins.map(maps::ENDPOINTS))
-        .expect("pinning it as the endpoint map");
+        .context("pinning it as the endpoint map")?;
 
-    let node = NetNs::new("node");
-    let out = podwire(&node, &["--bpffs", odd.0.to_str().unwrap(), "endpoints"])
-        .output()
-        .expect("podwire");
+    let node = NetNs::new("node")?;
+    let out = podwire(
+        &node,
+        &["--bpffs", &odd.path().display().to_string(), "endpoints"],
+    )?
+    .output()
+    .context("running podwire")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     let expected = format!(
@@ -332,14 +326,15 @@ fn a_pinned_map_of_another_layout_is_refused_not_misread() {
         odd_pins.map(maps::ENDPOINTS).display()
     );
     assert!(stderr.contains(&expected), "{stderr}");
+    Ok(())
 }
 
 #[test]
-fn completions_cover_the_verbs_and_options() {
+fn completions_cover_the_verbs_and_options() -> Result<()> {
     for shell in ["bash", "zsh", "fish"] {
         let script = stdout(&run(
-            Command::new(bin("podwire")).args(["completions", shell])
-        ));
+            Command::new(artifacts::bin("podwire")?).args(["completions", shell])
+        )?)?;
         for word in [
             "endpoints",
             "counters",
@@ -351,22 +346,19 @@ fn completions_cover_the_verbs_and_options() {
             assert!(script.contains(word), "{shell} completions lack {word}");
         }
     }
+    Ok(())
 }
 
 #[test]
-fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() {
-    let mut node = Node::start(Ipv4Addr::new(192, 168, 77, 10), "10.244.0.0/24");
-    let a = node.add_pod("c-cli-a");
-    let b = node.add_pod("c-cli-b");
-    assert!(ping(&a.ns, b.ip));
-    node.stop_agent();
-    let bpffs = node.pins.to_str().unwrap();
+fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() -> Result<()> {
+    let mut node = Node::start(Ipv4Addr::new(192, 168, 77, 10), "10.244.0.0/24")?;
+    let a = node.add_pod("c-cli-a")?;
+    let b = node.add_pod("c-cli-b")?;
+    assert!(ping(&a.ns, b.ip)?);
+    node.stop_agent()?;
 
-    let endpoints = json(&run(&mut podwire(
-        &node.ns,
-        &["--bpffs", bpffs, "endpoints", "-o", "json"],
-    )));
-    let endpoints = endpoints.as_array().expect("an array");
+    let endpoints = json(&node.podwire(&["endpoints", "-o", "json"])?)?;
+    let endpoints = endpoints.as_array().context("an array")?;
     assert_eq!(endpoints.len(), 2, "{endpoints:?}");
     for (row, pod) in endpoints.iter().zip([&a, &b]) {
         assert_eq!(row["ip"], pod.ip.to_string());
@@ -378,17 +370,14 @@ fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() {
         assert_eq!(row["pod_mac"], pod.result["interfaces"][1]["mac"]);
     }
 
-    let counters = json(&run(&mut podwire(
-        &node.ns,
-        &["--bpffs", bpffs, "counters", "--nonzero", "-o", "json"],
-    )));
+    let counters = json(&node.podwire(&["counters", "--nonzero", "-o", "json"])?)?;
     let redirect = counters
         .as_array()
-        .expect("an array")
+        .context("an array")?
         .iter()
         .find(|r| r["reason"] == "redirect-local")
-        .unwrap_or_else(|| panic!("no redirect-local row: {counters}"));
-    let expected = node.counter(Reason::RedirectLocal);
+        .with_context(|| format!("no redirect-local row: {counters}"))?;
+    let expected = node.counter(Reason::RedirectLocal)?;
     assert!(
         expected.packets >= 2,
         "the ping request and reply were redirected"
@@ -396,4 +385,5 @@ fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() {
     assert_eq!(redirect["verdict"], "redirect");
     assert_eq!(redirect["packets"], expected.packets);
     assert_eq!(redirect["bytes"], expected.bytes);
+    Ok(())
 }

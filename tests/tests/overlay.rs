@@ -2,111 +2,56 @@
 //! file, pods wired by the CNI plugin; traffic crosses nodes in podwire's VXLAN tunnel.
 
 use std::{
-    net::{Ipv4Addr, UdpSocket},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     time::{Duration, Instant},
 };
 
+use anyhow::{Context as _, Result};
+use nix::sys::signal::Signal;
 use podwire_common::Reason;
-use podwire_tests::{ping, run, tcp_echo, NetNs, Node, Pod};
+use podwire_lab::{
+    cni::Pod,
+    nodes::{Cluster, ClusterSpec, Node, BRIDGE},
+    packets::{self, set_udp_dst_port, udp_v4},
+    processes::{run, Daemon},
+    traffic::{ping, tcp_echo},
+};
+use serde_json::Value;
 
 const VNI: u32 = 42;
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
 
-/// The underlay (a bridge in its own namespace), the nodes on it, a host outside the cluster.
-struct Cluster {
-    nodes: Vec<Node>,
-    underlay: NetNs,
-    outside: NetNs,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn node_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(192, 168, 77, 1 + i as u8)
-}
-
-fn cluster_json(nodes: &[usize]) -> String {
-    let nodes: Vec<serde_json::Value> = nodes
-        .iter()
-        .map(|&i| serde_json::json!({ "name": format!("node{i}"), "address": node_ip(i), "podCIDR": format!("10.244.{}.0/24", i + 1) }))
-        .collect();
-    serde_json::json!({ "clusterCIDR": "10.244.0.0/16", "nodes": nodes }).to_string()
-}
-
-/// Plugs a new namespace into the underlay bridge as `eth0` with `ip`/24.
-fn on_underlay(underlay: &NetNs, role: &str, port: &str, ip: Ipv4Addr) -> NetNs {
-    let ns = NetNs::new(role);
-    underlay.ip(&[
-        "link",
-        "add",
-        port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        ns.name(),
-    ]);
-    underlay.ip(&["link", "set", port, "master", "br0", "up"]);
-    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns
-}
-
-fn cluster(count: usize) -> Cluster {
-    let underlay = NetNs::new("ul");
-    underlay.ip(&["link", "add", "br0", "type", "bridge"]);
-    underlay.ip(&["link", "set", "br0", "up"]);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("cluster.json");
-    std::fs::write(&file, cluster_json(&(0..count).collect::<Vec<_>>())).unwrap();
-    let nodes = (0..count)
-        .map(|i| {
-            let ns = on_underlay(&underlay, "node", &format!("n{i}"), node_ip(i));
-            let args = vec![
-                "--cluster-file".into(),
-                file.display().to_string(),
-                "--node-name".into(),
-                format!("node{i}"),
-                "--vni".into(),
-                VNI.to_string(),
-            ];
-            Node::start_in(ns, node_ip(i), args)
-        })
-        .collect();
-    let outside = on_underlay(&underlay, "out", "out", OUTSIDE);
-    Cluster {
+/// `nodes` nodes whose agents tunnel with [`VNI`].
+fn cluster(nodes: usize) -> Result<Cluster> {
+    Cluster::start(ClusterSpec {
         nodes,
-        underlay,
-        outside,
-        file,
-        _dir: dir,
-    }
+        agent_args: vec!["--vni".into(), VNI.to_string()],
+        echo_agents: false,
+    })
 }
 
 /// Waits (bounded) until `probe` holds; whether it did.
-fn eventually(mut probe: impl FnMut() -> bool) -> bool {
+fn eventually(mut probe: impl FnMut() -> Result<bool>) -> Result<bool> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if probe() {
-            return true;
+        if probe()? {
+            return Ok(true);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    false
+    Ok(false)
 }
 
 #[test]
-fn pods_on_different_nodes_talk_through_the_tunnel_with_forwarding_off() {
-    let c = cluster(3);
+fn pods_on_different_nodes_talk_through_the_tunnel_with_forwarding_off() -> Result<()> {
+    let c = cluster(3)?;
     let mut pods: Vec<(usize, Pod)> = Vec::new();
     for (i, node) in c.nodes.iter().enumerate() {
-        node.ns.sysctl_ipv4("ip_forward", "0");
+        // The lab's default too; this test's claim depends on it.
+        node.ns.sysctl_ipv4("ip_forward", "0")?;
         for p in 0..2 {
-            pods.push((i, node.add_pod(&format!("c-x-{i}-{p}"))));
+            pods.push((i, node.add_pod(&format!("c-x-{i}-{p}"))?));
         }
     }
     for (_, pod) in &pods {
@@ -116,27 +61,25 @@ fn pods_on_different_nodes_talk_through_the_tunnel_with_forwarding_off() {
         );
     }
 
-    let capture = tempfile::NamedTempFile::new().unwrap();
-    let mut tcpdump = c
-        .underlay
-        .command("tcpdump")
-        .args(["-i", "br0", "-nn", "-U", "-w"])
-        .arg(capture.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(500));
+    let capture = tempfile::NamedTempFile::new()?;
+    let mut cmd = c.underlay.ns.command("tcpdump");
+    cmd.args(["-i", BRIDGE, "-nn", "-U", "-w"])
+        .arg(capture.path());
+    let mut tcpdump = Daemon::spawn(cmd, None)?;
+    tcpdump.wait_for_line("listening on")?;
 
     for (i, a) in &pods {
         for (j, b) in &pods {
             if a.ip != b.ip {
                 assert!(
-                    ping(&a.ns, b.ip),
-                    "ping {} (node{i}) -> {} (node{j})",
+                    ping(&a.ns, b.ip)?,
+                    "ping {} ({}) -> {} ({})",
                     a.ip,
-                    b.ip
+                    Cluster::node_name(*i),
+                    b.ip,
+                    Cluster::node_name(*j)
                 );
-                tcp_echo(&a.ns, &b.ns, b.ip, 64 * 1024);
+                tcp_echo(&a.ns, &b.ns, b.ip, 64 * 1024)?;
             }
         }
     }
@@ -146,69 +89,61 @@ fn pods_on_different_nodes_talk_through_the_tunnel_with_forwarding_off() {
         run(a
             .ns
             .command("ping")
-            .args(["-c", "2", "-M", "do", "-s", "1422", &b.ip.to_string()]));
+            .args(["-c", "2", "-M", "do", "-s", "1422", &b.ip.to_string()]))?;
     assert!(String::from_utf8_lossy(&df.stdout).contains("2 received"));
     // 100 MB across nodes, every byte checked.
-    tcp_echo(&a.ns, &b.ns, b.ip, 100_000_000);
+    tcp_echo(&a.ns, &b.ns, b.ip, 100_000_000)?;
 
+    // Packets still in flight make it into the capture before it stops.
     std::thread::sleep(Duration::from_millis(500));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    tcpdump.wait().unwrap();
-    let packets = |filter: &str| -> Vec<String> {
+    tcpdump.stop(Signal::SIGINT)?;
+    let packets = |filter: &str| -> Result<Vec<String>> {
         let out = run(Command::new("tcpdump")
             .args(["-nn", "-r"])
             .arg(capture.path())
-            .arg(filter));
-        String::from_utf8_lossy(&out.stdout)
+            .arg(filter))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_owned)
-            .collect()
+            .collect())
     };
-    let count = |filter: &str| packets(filter).len();
-    let tunnel = count("udp dst port 4789");
+    let count = |filter: &str| -> Result<usize> { Ok(packets(filter)?.len()) };
+    let tunnel = count("udp dst port 4789")?;
     assert!(tunnel > 1000, "tunnel packets on the underlay: {tunnel}");
     let nodes = "src net 192.168.77.0/24 and dst net 192.168.77.0/24";
     let vni = format!("udp[8:4] = 0x08000000 and udp[12:4] = {:#x}", VNI << 8);
     assert_eq!(
-        count(&format!("udp dst port 4789 and {nodes} and {vni}")),
+        count(&format!("udp dst port 4789 and {nodes} and {vni}"))?,
         tunnel,
         "every tunnel packet between nodes, with VNI {VNI}"
     );
     // Link-local multicast (IGMP reports of the interfaces themselves) aside.
-    let others = packets("ip and not ip multicast and not (udp dst port 4789)");
+    let others = packets("ip and not ip multicast and not (udp dst port 4789)")?;
     assert!(
         others.is_empty(),
         "nothing but the tunnel crosses the underlay: {others:#?}"
     );
     assert_eq!(
-        count("net 10.244.0.0/16"),
+        count("net 10.244.0.0/16")?,
         0,
         "no bare pod address on the underlay"
     );
 
-    // The node table as operators see it (podwire nodes -o json on node0).
-    let out = run(c.nodes[0]
-        .command(podwire_tests::bin("podwire"))
-        .arg("--bpffs")
-        .arg(&c.nodes[0].pins)
-        .args(["nodes", "-o", "json"]));
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The node table as operators see it (podwire nodes -o json on the first node).
+    let out = c.nodes[0].podwire(&["nodes", "-o", "json"])?;
+    let table: Value = serde_json::from_slice(&out.stdout)?;
     let rows: Vec<(String, String, String)> = table
         .as_array()
-        .unwrap()
+        .context("an array")?
         .iter()
         .map(|r| {
-            (
-                r["prefix"].as_str().unwrap().into(),
-                r["kind"].as_str().unwrap().into(),
+            Ok((
+                r["prefix"].as_str().context("prefix")?.into(),
+                r["kind"].as_str().context("kind")?.into(),
                 r["node"].to_string(),
-            )
+            ))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let row = |p: &str, k: &str, n: &str| (p.to_owned(), k.to_owned(), n.to_owned());
     assert_eq!(
         rows,
@@ -223,147 +158,150 @@ fn pods_on_different_nodes_talk_through_the_tunnel_with_forwarding_off() {
     );
 
     for node in &c.nodes {
-        assert!(node.counter(Reason::RedirectOverlay).packets > 0);
-        assert!(node.counter(Reason::RedirectFromOverlay).packets > 0);
-        assert_eq!(node.counter(Reason::DropOverlaySpoofed).packets, 0);
+        assert!(node.counter(Reason::RedirectOverlay)?.packets > 0);
+        assert!(node.counter(Reason::RedirectFromOverlay)?.packets > 0);
+        assert_eq!(node.counter(Reason::DropOverlaySpoofed)?.packets, 0);
     }
+    Ok(())
 }
 
 #[test]
-fn a_node_leaving_the_cluster_file_cuts_its_pods_off_and_coming_back_restores_them() {
-    let c = cluster(3);
-    let a = c.nodes[0].add_pod("c-leave-a");
-    let far = c.nodes[2].add_pod("c-leave-far");
-    assert!(ping(&a.ns, far.ip));
+fn a_node_leaving_the_cluster_file_cuts_its_pods_off_and_coming_back_restores_them() -> Result<()> {
+    let c = cluster(3)?;
+    let a = c.nodes[0].add_pod("c-leave-a")?;
+    let far = c.nodes[2].add_pod("c-leave-far")?;
+    assert!(ping(&a.ns, far.ip)?);
 
-    std::fs::write(&c.file, cluster_json(&[0, 1])).unwrap();
-    let before = c.nodes[0].counter(Reason::DropNoNode).packets;
+    c.write_members(&[0, 1])?;
+    let before = c.nodes[0].counter(Reason::DropNoNode)?.packets;
     assert!(
-        eventually(|| !ping(&a.ns, far.ip)),
+        eventually(|| Ok(!ping(&a.ns, far.ip)?))?,
         "traffic to the removed node's pod stops"
     );
     assert!(
-        c.nodes[0].counter(Reason::DropNoNode).packets > before,
+        c.nodes[0].counter(Reason::DropNoNode)?.packets > before,
         "dropped and counted as drop-no-node"
     );
 
-    std::fs::write(&c.file, cluster_json(&[0, 1, 2])).unwrap();
+    c.write_members(&[0, 1, 2])?;
     assert!(
-        eventually(|| ping(&a.ns, far.ip)),
+        eventually(|| ping(&a.ns, far.ip))?,
         "traffic restored once the node is back, without restarting agents"
     );
+    Ok(())
 }
 
 /// Sends a VXLAN packet by hand from `from`'s namespace to node `to`: inner IPv4/UDP from
 /// `inner_src` to `inner_dst`:`port`.
-fn send_vxlan(from: &Node, to: Ipv4Addr, inner_src: Ipv4Addr, inner_dst: Ipv4Addr, port: u16) {
-    let mut frame = vec![0x08, 0, 0, 0];
-    frame.extend_from_slice(&(VNI << 8).to_be_bytes());
-    let mut inner =
-        podwire_tests::packet::udp_v4([0x02, 0, 0, 0, 0, 9], inner_src, inner_dst, b"crafted");
-    inner[14 + 20 + 2..14 + 20 + 4].copy_from_slice(&port.to_be_bytes());
-    frame.extend_from_slice(&inner);
+fn send_vxlan(
+    from: &Node,
+    to: Ipv4Addr,
+    inner_src: Ipv4Addr,
+    inner_dst: Ipv4Addr,
+    port: u16,
+) -> Result<()> {
+    let mut inner = udp_v4([0x02, 0, 0, 0, 0, 9], inner_src, inner_dst, b"crafted");
+    set_udp_dst_port(&mut inner, port);
     let ip = from.ip;
-    let socket = from.ns.run(|| UdpSocket::bind((ip, 0))).unwrap();
-    socket.send_to(&frame, (to, 4789)).unwrap();
+    let socket = from.ns.run(|| UdpSocket::bind((ip, 0)))??;
+    socket.send_to(&packets::vxlan(VNI, &inner), (to, 4789))?;
+    Ok(())
 }
 
 #[test]
-fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() {
-    let c = cluster(3);
-    let target = c.nodes[1].add_pod("c-victim");
-    let listener = target.ns.run(|| UdpSocket::bind((target.ip, 0))).unwrap();
-    listener
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
+fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() -> Result<()> {
+    let c = cluster(3)?;
+    let target = c.nodes[1].add_pod("c-victim")?;
+    let listener = target.ns.run(|| UdpSocket::bind((target.ip, 0)))??;
+    listener.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let port = listener.local_addr()?.port();
     let mut buf = [0u8; 64];
 
-    // Control: node0 tunnelling from its own pod range is delivered.
+    // Control: the first node tunnelling from its own pod range (10.244.1.0/24) is delivered.
     send_vxlan(
         &c.nodes[0],
-        node_ip(1),
+        Cluster::node_ip(1),
         Ipv4Addr::new(10, 244, 1, 77),
         target.ip,
         port,
-    );
+    )?;
     let (n, from) = listener
         .recv_from(&mut buf)
-        .expect("a packet from node0's own range arrives");
+        .context("a packet from the first node's own range arrives")?;
     assert_eq!(
         (&buf[..n], from.ip()),
-        (
-            &b"crafted"[..],
-            std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 1, 77))
-        )
+        (&b"crafted"[..], IpAddr::V4(Ipv4Addr::new(10, 244, 1, 77)))
     );
 
-    // node0 claiming an address of node2's range.
-    let before = c.nodes[1].counter(Reason::DropOverlaySpoofed).packets;
+    // The first node claiming an address of the third node's range.
+    let before = c.nodes[1].counter(Reason::DropOverlaySpoofed)?.packets;
     send_vxlan(
         &c.nodes[0],
-        node_ip(1),
+        Cluster::node_ip(1),
         Ipv4Addr::new(10, 244, 3, 77),
         target.ip,
         port,
-    );
+    )?;
     assert!(
         listener.recv_from(&mut buf).is_err(),
         "spoofed inner source must not arrive"
     );
     assert_eq!(
-        c.nodes[1].counter(Reason::DropOverlaySpoofed).packets,
+        c.nodes[1].counter(Reason::DropOverlaySpoofed)?.packets,
         before + 1
     );
+    Ok(())
 }
 
 #[test]
-fn nodes_reach_remote_pods_and_pods_reach_the_outside_as_their_node() {
-    let c = cluster(2);
-    let local = c.nodes[0].add_pod("c-out-local");
-    let remote = c.nodes[1].add_pod("c-out-remote");
+fn nodes_reach_remote_pods_and_pods_reach_the_outside_as_their_node() -> Result<()> {
+    let c = cluster(2)?;
+    let outside = c.underlay.plug("outside", OUTSIDE, false)?;
+    let local = c.nodes[0].add_pod("c-out-local")?;
+    let remote = c.nodes[1].add_pod("c-out-remote")?;
     // From a node's own namespace (kubelet probes, kube-proxy'd Service traffic) to a remote pod.
-    assert!(ping(&c.nodes[0].ns, remote.ip));
-    tcp_echo(&c.nodes[0].ns, &remote.ns, remote.ip, 256 * 1024);
+    assert!(ping(&c.nodes[0].ns, remote.ip)?);
+    tcp_echo(&c.nodes[0].ns, &remote.ns, remote.ip, 256 * 1024)?;
     assert!(
-        c.nodes[0].counter(Reason::EncapHost).packets > 0,
+        c.nodes[0].counter(Reason::EncapHost)?.packets > 0,
         "the node's own packets took the tunnel"
     );
-    let _ = local;
 
     // Leaving the cluster needs forwarding in the node; the outside host sees the node's address.
-    c.nodes[0].ns.sysctl_ipv4("ip_forward", "1");
-    let listener = c
-        .outside
-        .run(|| std::net::TcpListener::bind((OUTSIDE, 0)))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
+    c.nodes[0].ns.sysctl_ipv4("ip_forward", "1")?;
+    let listener = outside.run(|| TcpListener::bind((OUTSIDE, 0)))??;
+    let addr = listener.local_addr()?;
     let client = local
         .ns
-        .run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
-        .expect("pod connects to the outside host");
-    let (_conn, peer) = listener.accept().unwrap();
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))?
+        .context("pod connects to the outside host")?;
+    let (_conn, peer) = listener.accept()?;
     assert_eq!(
         peer.ip(),
-        std::net::IpAddr::V4(node_ip(0)),
+        IpAddr::V4(Cluster::node_ip(0)),
         "outside host sees the node, not the pod"
     );
     drop(client);
+    Ok(())
 }
 
 #[test]
-fn cross_node_traffic_survives_an_agent_restart() {
-    let mut c = cluster(2);
-    let a = c.nodes[0].add_pod("c-rs-a");
-    let b = c.nodes[1].add_pod("c-rs-b");
-    c.nodes[0].stop_agent();
-    assert!(ping(&a.ns, b.ip), "across nodes with node0's agent down");
-    assert!(ping(&b.ns, a.ip));
-    c.nodes[0].start_agent();
-    assert!(ping(&a.ns, b.ip), "after the restart");
-    let late = c.nodes[0].add_pod("c-rs-late");
+fn cross_node_traffic_survives_an_agent_restart() -> Result<()> {
+    let mut c = cluster(2)?;
+    let a = c.nodes[0].add_pod("c-rs-a")?;
+    let b = c.nodes[1].add_pod("c-rs-b")?;
+    c.nodes[0].stop_agent()?;
     assert!(
-        ping(&late.ns, b.ip) && ping(&b.ns, late.ip),
+        ping(&a.ns, b.ip)?,
+        "across nodes with the first node's agent down"
+    );
+    assert!(ping(&b.ns, a.ip)?);
+    c.nodes[0].start_agent()?;
+    assert!(ping(&a.ns, b.ip)?, "after the restart");
+    let late = c.nodes[0].add_pod("c-rs-late")?;
+    assert!(
+        ping(&late.ns, b.ip)? && ping(&b.ns, late.ip)?,
         "a pod added after the restart"
     );
+    Ok(())
 }

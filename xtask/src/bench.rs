@@ -1,36 +1,40 @@
 //! `cargo xtask bench`: podwire against the kernel's classic datapaths, measured in one run on
-//! one lab (see `lab`), modes interleaved, medians of the repetitions, ratios printed.
+//! one underlay of podwire's lab (`podwire_lab::nodes::Cluster`), modes interleaved, medians of
+//! the repetitions, ratios printed.
 //!
 //! Pairs: two pods on one node (podwire's redirect vs. a Linux bridge, the reference `bridge`
 //! plugin's shape) and pods on two nodes (podwire's eBPF + collect_md VXLAN vs. kernel VXLAN
 //! routed between bridges, Flannel's shape). Pods have MTU 1450 everywhere. Metrics: one TCP
 //! stream (iperf3, cubic: a namespace cannot change the default bbr), and 1-byte TCP
-//! request/response with both ends pinned to one CPU (unpinned, cross-CPU wakeups dominate;
-//! see ../shared/BENCHMARKING.md).
+//! request/response with both ends pinned to one CPU (unpinned, a cross-CPU wakeup costs tens of
+//! microseconds and the results split into two modes).
 
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
-    path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context as _, Result};
 use nix::{sched::CpuSet, unistd::Pid};
+use podwire_lab::{
+    namespaces::NetNs,
+    nodes::{Cluster, ClusterSpec, Underlay},
+};
 
 use crate::{
-    lab::{in_netns, ip, Lab},
-    toolchain,
+    build,
+    toolchain::{self, Needs},
 };
 
 const POD_MTU: &str = "1450";
 
 /// Two pods' namespaces and the server's address.
-struct Pair {
-    client: String,
-    server: String,
+struct Pair<'a> {
+    client: &'a NetNs,
+    server: &'a NetNs,
     server_ip: Ipv4Addr,
 }
 
@@ -41,21 +45,25 @@ struct Sample {
     p99_us: f64,
 }
 
-pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
+pub fn run(reps: usize, seconds: u64) -> Result<()> {
+    let bins = build::all(true, Needs::Run)?.bins;
     toolchain::ensure_packages(&[("iperf3", "TCP throughput in the benchmarks")])?;
-    let lab = Lab::new("pwbench", bins)?;
+    // Release binaries: the agent and plugin the benchmark runs are the ones it just built.
+    podwire_lab::artifacts::set_bin_dir(&bins);
 
-    let nodes = vec![lab.node(1, false)?, lab.node(2, false)?];
-    let cluster_file = lab.cluster_file(&nodes)?;
-    let _agents = nodes
-        .iter()
-        .map(|n| lab.start_agent(n, &cluster_file, false))
-        .collect::<Result<Vec<_>>>()?;
-    let (a, _, _) = lab.add_pod(&nodes[0], "a")?;
-    let (b, b_ip, _) = lab.add_pod(&nodes[0], "b")?;
-    let (c, c_ip, _) = lab.add_pod(&nodes[1], "c")?;
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        agent_args: vec![],
+        echo_agents: false,
+    })?;
+    let a = cluster.nodes[0].add_pod("a")?;
+    let b = cluster.nodes[0].add_pod("b")?;
+    let c = cluster.nodes[1].add_pod("c")?;
 
-    let base = [baseline_node(&lab, 1)?, baseline_node(&lab, 2)?];
+    let base = [
+        baseline_node(&cluster.underlay, 1)?,
+        baseline_node(&cluster.underlay, 2)?,
+    ];
     let (x, _) = bridge_pod(&base[0], 1, 2)?;
     let (y, y_ip) = bridge_pod(&base[0], 1, 3)?;
     let (z, z_ip) = bridge_pod(&base[1], 2, 2)?;
@@ -65,17 +73,17 @@ pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
             "same node",
             "podwire",
             Pair {
-                client: a.clone(),
-                server: b,
-                server_ip: b_ip,
+                client: &a.ns,
+                server: &b.ns,
+                server_ip: b.ip,
             },
         ),
         (
             "same node",
             "Linux bridge",
             Pair {
-                client: x.clone(),
-                server: y,
+                client: &x,
+                server: &y,
                 server_ip: y_ip,
             },
         ),
@@ -83,17 +91,17 @@ pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
             "two nodes",
             "podwire",
             Pair {
-                client: a,
-                server: c,
-                server_ip: c_ip,
+                client: &a.ns,
+                server: &c.ns,
+                server_ip: c.ip,
             },
         ),
         (
             "two nodes",
             "kernel VXLAN + bridge",
             Pair {
-                client: x,
-                server: z,
+                client: &x,
+                server: &z,
                 server_ip: z_ip,
             },
         ),
@@ -140,27 +148,13 @@ pub fn run(bins: &Path, reps: usize, seconds: u64) -> Result<()> {
 /// A host on the underlay at 192.168.77.1<i> with a Linux bridge `cbr0` 10.250.<i>.1/24 for its
 /// pods and a VXLAN device (VNI 99) routed to the other baseline host's pod subnet: Flannel's
 /// vxlan backend, built by hand. Forwarding on, as that datapath needs.
-fn baseline_node(lab: &Lab, i: u8) -> Result<String> {
-    let ns = lab.host(
-        &format!("base{i}"),
-        Ipv4Addr::new(192, 168, 77, 10 + i),
-        true,
-    )?;
+fn baseline_node(underlay: &Underlay, i: u8) -> Result<NetNs> {
+    let ns = underlay.plug("base", Ipv4Addr::new(192, 168, 77, 10 + i), true)?;
     let peer = 3 - i;
-    ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
-    ip(&[
-        "-n",
-        &ns,
-        "addr",
-        "add",
-        &format!("10.250.{i}.1/24"),
-        "dev",
-        "cbr0",
-    ])?;
-    ip(&["-n", &ns, "link", "set", "cbr0", "mtu", POD_MTU, "up"])?;
-    ip(&[
-        "-n",
-        &ns,
+    ns.ip(&["link", "add", "cbr0", "type", "bridge"])?;
+    ns.ip(&["addr", "add", &format!("10.250.{i}.1/24"), "dev", "cbr0"])?;
+    ns.ip(&["link", "set", "cbr0", "mtu", POD_MTU, "up"])?;
+    ns.ip(&[
         "link",
         "add",
         "vx0",
@@ -177,19 +171,9 @@ fn baseline_node(lab: &Lab, i: u8) -> Result<String> {
         "remote",
         &format!("192.168.77.1{peer}"),
     ])?;
-    ip(&[
-        "-n",
-        &ns,
-        "addr",
-        "add",
-        &format!("10.251.0.{i}/24"),
-        "dev",
-        "vx0",
-    ])?;
-    ip(&["-n", &ns, "link", "set", "vx0", "up"])?;
-    ip(&[
-        "-n",
-        &ns,
+    ns.ip(&["addr", "add", &format!("10.251.0.{i}/24"), "dev", "vx0"])?;
+    ns.ip(&["link", "set", "vx0", "up"])?;
+    ns.ip(&[
         "route",
         "add",
         &format!("10.250.{peer}.0/24"),
@@ -200,30 +184,28 @@ fn baseline_node(lab: &Lab, i: u8) -> Result<String> {
 }
 
 /// A pod on `node`'s bridge at 10.250.<subnet>.<host>.
-fn bridge_pod(node: &str, subnet: u8, host: u8) -> Result<(String, Ipv4Addr)> {
-    let pod = format!("{node}-pod{host}");
+fn bridge_pod(node: &NetNs, subnet: u8, host: u8) -> Result<(NetNs, Ipv4Addr)> {
+    let pod = NetNs::new("pod")?;
     let port = format!("veth{host}");
     let addr = Ipv4Addr::new(10, 250, subnet, host);
-    ip(&["netns", "add", &pod])?;
-    ip(&[
-        "-n", node, "link", "add", &port, "mtu", POD_MTU, "type", "veth", "peer", "name", "eth0",
-        "netns", &pod,
-    ])?;
-    ip(&["-n", node, "link", "set", &port, "master", "cbr0", "up"])?;
-    ip(&["-n", &pod, "link", "set", "lo", "up"])?;
-    ip(&["-n", &pod, "link", "set", "eth0", "mtu", POD_MTU, "up"])?;
-    ip(&[
-        "-n",
-        &pod,
-        "addr",
+    node.ip(&[
+        "link",
         "add",
-        &format!("{addr}/24"),
-        "dev",
+        &port,
+        "mtu",
+        POD_MTU,
+        "type",
+        "veth",
+        "peer",
+        "name",
         "eth0",
+        "netns",
+        pod.name(),
     ])?;
-    ip(&[
-        "-n",
-        &pod,
+    node.ip(&["link", "set", &port, "master", "cbr0", "up"])?;
+    pod.ip(&["link", "set", "eth0", "mtu", POD_MTU, "up"])?;
+    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    pod.ip(&[
         "route",
         "add",
         "default",
@@ -247,38 +229,27 @@ fn measure(pair: &Pair, seconds: u64) -> Result<Sample> {
 /// One iperf3 TCP stream from client to server; received Gbit/s.
 fn iperf3(pair: &Pair, seconds: u64) -> Result<f64> {
     let bind = pair.server_ip.to_string();
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.server,
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-            &bind,
-        ])
+    let mut server = pair
+        .server
+        .command("iperf3")
+        .args(["-s", "-1", "-B", &bind])
         .stdout(Stdio::null())
         .spawn()
         .context("starting iperf3 -s")?;
     // Connecting to find out whether it listens would use up its one test: ask the kernel.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !listening(&pair.server, 5201)? {
+    while !listening(pair.server, 5201)? {
         ensure!(
             Instant::now() < deadline,
             "iperf3 -s in {} does not listen",
-            pair.server
+            pair.server.name()
         );
         thread::sleep(Duration::from_millis(50));
     }
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.client,
-            "timeout",
-            &(seconds + 20).to_string(),
-        ])
+    let out = pair
+        .client
+        .command("timeout")
+        .arg((seconds + 20).to_string())
         .args([
             "iperf3",
             "-c",
@@ -289,7 +260,9 @@ fn iperf3(pair: &Pair, seconds: u64) -> Result<f64> {
             "-t",
             &seconds.to_string(),
         ])
-        .output()?;
+        .output()
+        .context("running iperf3 -c")?;
+    // Ignoring errors: the server may have exited after its one test.
     let _ = server.kill();
     let _ = server.wait();
     ensure!(
@@ -297,7 +270,8 @@ fn iperf3(pair: &Pair, seconds: u64) -> Result<f64> {
         "iperf3 -c {bind}: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("iperf3's JSON result")?;
     let bits = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 result")?;
@@ -305,16 +279,10 @@ fn iperf3(pair: &Pair, seconds: u64) -> Result<f64> {
 }
 
 /// Whether something listens on TCP `port` in namespace `ns`.
-fn listening(ns: &str, port: u16) -> Result<bool> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "ss",
-            "-Hltn",
-            &format!("sport = :{port}"),
-        ])
+fn listening(ns: &NetNs, port: u16) -> Result<bool> {
+    let out = ns
+        .command("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
         .output()
         .context("ss")?;
     Ok(!out.stdout.is_empty())
@@ -323,7 +291,10 @@ fn listening(ns: &str, port: u16) -> Result<bool> {
 /// 1-byte TCP request/response for `duration`, both ends pinned to CPU 0: transactions per
 /// second, p50 and p99 latency in microseconds.
 fn request_response(pair: &Pair, duration: Duration) -> Result<(f64, f64, f64)> {
-    let listener = in_netns(&pair.server, || TcpListener::bind((pair.server_ip, 0)))??;
+    let listener = pair
+        .server
+        .run(|| TcpListener::bind((pair.server_ip, 0)))?
+        .context("listening in the server pod")?;
     let addr = listener.local_addr()?;
     let server = thread::spawn(move || -> std::io::Result<()> {
         pin_to_cpu0();
@@ -336,9 +307,10 @@ fn request_response(pair: &Pair, duration: Duration) -> Result<(f64, f64, f64)> 
         }
         Ok(())
     });
-    let mut conn = in_netns(&pair.client, || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-    })??;
+    let mut conn = pair
+        .client
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?
+        .context("connecting from the client pod")?;
     conn.set_nodelay(true)?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let latencies = thread::scope(|s| {

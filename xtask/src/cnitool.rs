@@ -1,6 +1,9 @@
 //! `cnitool`, the CNI project's reference runtime client, through which the tests drive CNI plugins
-//! the way a container runtime would. Debian ships it only inside the source package of the CNI
-//! library, so it is built from there once, into target/tools (see ../shared/TOOLCHAIN.md).
+//! the way a container runtime would. Debian has no binary package of it: it ships only inside
+//! the source package of the CNI library (`golang-github-appc-cni`, bookworm), so it is built from
+//! there once, into target/tools. The source comes through a private deb-src list (the machine's
+//! apt configuration stays untouched), and Debian's Go builds it in GOPATH mode against the
+//! library `golang-github-appc-cni-dev` installs, as the Go module proxy is out of reach here.
 
 use std::{
     fs,
@@ -10,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{cmd::run, toolchain::ensure_packages, workspace_root};
+use crate::{build::workspace_root, cmd::run, toolchain::ensure_packages};
 
 const PACKAGES: &[(&str, &str)] = &[
     ("golang-go", "Go, to build cnitool"),

@@ -1,156 +1,150 @@
-//! `cargo xtask demo`: a two-node cluster in network namespaces (see `lab`), each node running the
-//! podwire agent with IP forwarding off, so only podwire's eBPF path can carry pod traffic. It
-//! shows pod-to-pod traffic on one node and across nodes (VXLAN, in kernel), and what each node's
-//! datapath holds and counted, read from its pinned maps with the `podwire` CLI.
+//! `cargo xtask demo`: a two-node cluster of podwire's lab (`podwire_lab::nodes::Cluster`), each
+//! node running the podwire agent with IP forwarding off, so only podwire's eBPF path can carry
+//! pod traffic. It shows pod-to-pod traffic on one node and across nodes (VXLAN, in kernel), a
+//! spoofed packet dropped and reported, and what each node's datapath holds and counted, read
+//! from its pinned maps with the `podwire` CLI.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
-    path::Path,
-    process::Command,
-    thread,
-    time::{Duration, Instant},
+use std::{net::UdpSocket, process::Output};
+
+use anyhow::{ensure, Context as _, Result};
+use podwire_lab::{
+    cni::Pod,
+    nodes::{Cluster, ClusterSpec, Node},
+    traffic::tcp_transfer,
 };
 
-use anyhow::{ensure, Result};
+use crate::{build, toolchain::Needs};
 
-use crate::lab::{in_netns, ip, Lab};
-
+const NODES: usize = 2;
 const PODS_PER_NODE: usize = 2;
+/// Bytes of each TCP transfer.
+const TRANSFER: usize = 64 << 20;
 
-pub fn run(bins: &Path) -> Result<()> {
-    let lab = Lab::new("pwdemo", bins)?;
-    let nodes = vec![lab.node(1, false)?, lab.node(2, false)?];
-    let cluster_file = lab.cluster_file(&nodes)?;
+pub fn run() -> Result<()> {
+    let bins = build::all(false, Needs::Run)?.bins;
+    podwire_lab::artifacts::set_bin_dir(&bins);
+    let mut cluster = Cluster::start(ClusterSpec {
+        nodes: NODES,
+        agent_args: vec![],
+        echo_agents: true,
+    })?;
+    let file = cluster.file();
     println!(
-        "== cluster file {cluster_file}:\n{}",
-        std::fs::read_to_string(&cluster_file)?
+        "== cluster file {}:\n{}",
+        file.display(),
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
     );
-    let mut agents = Vec::new();
-    for node in &nodes {
+    for (i, node) in cluster.nodes.iter().enumerate() {
         println!(
-            "== node {} at {} on the underlay bridge, pod CIDR {}, IP forwarding off",
-            node.ns, node.ip, node.pod_cidr
+            "== {} (netns {}) at {} on the underlay bridge, pod CIDR {}, IP forwarding off, \
+             agent serving CNI requests",
+            Cluster::node_name(i),
+            node.ns.name(),
+            node.ip,
+            Cluster::pod_cidr(i)
         );
-        agents.push(lab.start_agent(node, &cluster_file, true)?);
     }
 
-    let mut pods = Vec::new();
-    for node in &nodes {
+    // pods[i]: the pods of node i, container ids `node<i+1>-pod<p>`.
+    let mut pods: Vec<Vec<Pod>> = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let mut on_node = Vec::new();
         for p in 1..=PODS_PER_NODE {
-            let (pod, pod_ip, result) = lab.add_pod(node, &format!("pod{p}"))?;
+            let pod = node.add_pod(&format!("{}-pod{p}", Cluster::node_name(i)))?;
             println!(
-                "== CNI ADD {pod}: {pod_ip}/32, MTU {}",
-                result["interfaces"][1]["mtu"]
+                "== CNI ADD {} (netns {}): {}/32, MTU {}",
+                pod.container_id,
+                pod.ns.name(),
+                pod.ip,
+                pod.result["interfaces"][1]["mtu"]
             );
-            pods.push((pod, pod_ip));
+            on_node.push(pod);
         }
+        pods.push(on_node);
     }
 
     println!("== ping between every pair of pods (same node: redirected; across nodes: VXLAN)");
-    for (from, _) in &pods {
-        for (to, to_ip) in &pods {
-            if from != to {
-                let out = Command::new("ip")
-                    .args([
-                        "netns", "exec", from, "ping", "-c", "2", "-i", "0.2", "-W", "2",
-                    ])
-                    .arg(to_ip.to_string())
-                    .output()?;
-                let summary = String::from_utf8_lossy(&out.stdout);
-                let line = summary
-                    .lines()
-                    .find(|l| l.contains("received"))
-                    .unwrap_or("no reply");
-                println!("   {from} -> {to} ({to_ip}): {line}");
-                ensure!(out.status.success(), "ping {from} -> {to} failed");
+    for from in pods.iter().flatten() {
+        for to in pods.iter().flatten() {
+            if from.container_id == to.container_id {
+                continue;
             }
+            let out = from
+                .ns
+                .command("ping")
+                .args(["-c", "2", "-i", "0.2", "-W", "2", &to.ip.to_string()])
+                .output()
+                .context("running ping")?;
+            let summary = String::from_utf8_lossy(&out.stdout);
+            let line = summary
+                .lines()
+                .find(|l| l.contains("received"))
+                .unwrap_or("no reply");
+            println!(
+                "   {} -> {} ({}): {line}",
+                from.container_id, to.container_id, to.ip
+            );
+            ensure!(
+                out.status.success(),
+                "ping {} -> {} failed",
+                from.container_id,
+                to.container_id
+            );
         }
     }
-    for (server, server_ip) in [&pods[1], &pods[PODS_PER_NODE]] {
-        let client = &pods[0].0;
-        let (bytes, elapsed) = tcp_transfer(client, server, *server_ip, 64 << 20)?;
+    let client = &pods[0][0];
+    for server in [&pods[0][1], &pods[1][0]] {
+        let elapsed = tcp_transfer(&client.ns, &server.ns, server.ip, TRANSFER)
+            .with_context(|| format!("TCP {} -> {}", client.container_id, server.container_id))?;
         println!(
-            "== TCP {client} -> {server}: {} MiB arrived intact in {:.2} s",
-            bytes >> 20,
+            "== TCP {} -> {}: {} MiB arrived intact in {:.2} s",
+            client.container_id,
+            server.container_id,
+            TRANSFER >> 20,
             elapsed.as_secs_f64()
         );
     }
 
-    let (spoofer, victim) = (&pods[0].0, pods[1].1);
-    println!("== {spoofer} sends from {victim}, another pod's address: dropped, and reported");
-    ip(&[
-        "-n",
-        spoofer,
-        "addr",
-        "add",
-        &format!("{victim}/32"),
-        "dev",
-        "eth0",
-    ])?;
-    let socket = in_netns(spoofer, || UdpSocket::bind((victim, 0)))??;
-    socket.send_to(b"not mine", (pods[PODS_PER_NODE].1, 9))?;
-    println!("== {}: podwire events --idle 1", nodes[0].ns);
-    lab.podwire(&nodes[0], &["events", "--idle", "1"])?;
+    let (spoofer, victim, target) = (&pods[0][0], &pods[0][1], &pods[1][0]);
+    println!(
+        "== {} sends from {} ({}'s address): dropped, and reported",
+        spoofer.container_id, victim.ip, victim.container_id
+    );
+    spoofer
+        .ns
+        .ip(&["addr", "add", &format!("{}/32", victim.ip), "dev", "eth0"])?;
+    let socket = spoofer
+        .ns
+        .run(|| UdpSocket::bind((victim.ip, 0)))?
+        .with_context(|| format!("binding {} in {}", victim.ip, spoofer.container_id))?;
+    socket
+        .send_to(b"not mine", (target.ip, 9))
+        .context("sending the spoofed datagram")?;
+    podwire(&cluster.nodes[0], 0, &["events", "--idle", "1"])?;
 
-    for node in &nodes {
+    for (i, node) in cluster.nodes.iter().enumerate() {
         for verb in [&["nodes"][..], &["endpoints"], &["counters", "--nonzero"]] {
-            println!("== {}: podwire {}", node.ns, verb.join(" "));
-            lab.podwire(node, verb)?;
+            podwire(node, i, verb)?;
         }
     }
 
-    for (i, node) in nodes.iter().enumerate() {
-        for (pod, _) in &pods[i * PODS_PER_NODE..(i + 1) * PODS_PER_NODE] {
-            lab.cni(node, "DEL", pod)?;
-            println!("== CNI DEL {pod}");
+    for (node, on_node) in cluster.nodes.iter().zip(&pods) {
+        for pod in on_node {
+            node.del_pod(pod)?;
+            println!("== CNI DEL {}", pod.container_id);
         }
     }
-    for agent in agents {
-        agent.stop()?;
+    for node in &mut cluster.nodes {
+        node.stop_agent()?;
     }
     println!("== done; removing the namespaces, pins and state");
     Ok(())
 }
 
-/// Sends `len` bytes from a socket in `client` to one in `server`, checking every byte; returns
-/// what arrived and the time it took.
-fn tcp_transfer(
-    client: &str,
-    server: &str,
-    server_ip: Ipv4Addr,
-    len: usize,
-) -> Result<(usize, Duration)> {
-    let listener = in_netns(server, || TcpListener::bind((server_ip, 0)))??;
-    let addr = listener.local_addr()?;
-    let receiver = thread::spawn(move || -> std::io::Result<usize> {
-        let (mut conn, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 16];
-        let (mut total, mut expected) = (0usize, 0u8);
-        loop {
-            let n = conn.read(&mut buf)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            for &byte in &buf[..n] {
-                if byte != expected {
-                    return Err(std::io::Error::other(format!("byte {total} corrupted")));
-                }
-                expected = expected.wrapping_add(1);
-                total += 1;
-            }
-        }
-    });
-    let start = Instant::now();
-    let mut conn = in_netns(client, || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-    })??;
-    let chunk: Vec<u8> = (0..=255u8).cycle().take(1 << 16).collect();
-    for _ in 0..len / chunk.len() {
-        conn.write_all(&chunk)?;
-    }
-    drop(conn);
-    let received = receiver.join().expect("receiver thread")?;
-    ensure!(received == len, "{received} of {len} bytes arrived");
-    Ok((received, start.elapsed()))
+/// Runs the `podwire` CLI on node `i` and prints what it printed.
+fn podwire(node: &Node, i: usize, args: &[&str]) -> Result<()> {
+    println!("== {}: podwire {}", Cluster::node_name(i), args.join(" "));
+    let Output { stdout, .. } = node.podwire(args)?;
+    print!("{}", String::from_utf8_lossy(&stdout));
+    Ok(())
 }

@@ -1,19 +1,18 @@
-//! `cargo xtask`: podwire's developer entry point. Every command installs what it needs first.
+//! `cargo xtask`: podwire's developer entry point, one module per command. Every command installs
+//! what it needs first ([`toolchain`], [`cnitool`]) and builds what it runs ([`build`]).
 
 mod bench;
 mod build;
 mod cmd;
 mod cnitool;
 mod demo;
-mod lab;
+mod run;
+mod test;
 mod toolchain;
-mod vm;
+mod vm_verify;
 
-use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
-
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use toolchain::Needs;
 
 #[derive(Parser)]
 #[command(about = "Build, load, demo and test podwire")]
@@ -39,8 +38,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Bring up a node running the agent and pods wired through the CNI plugin, show pod-to-pod
-    /// traffic carried by the eBPF datapath and its counters, and tear everything down.
+    /// Bring up a two-node cluster running the agent and pods wired through the CNI plugin, show
+    /// pod-to-pod traffic carried by the eBPF datapath and its counters, and tear everything down.
     Demo,
     /// Measure podwire against the kernel's classic datapaths (Linux bridge, kernel VXLAN) in
     /// one run: TCP throughput and request/response, medians and ratios.
@@ -64,44 +63,11 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Build { release } => {
-            build::all(release, Needs::Build)?;
-        }
-        Cmd::Run { release, args } => {
-            let bins = build::all(release, Needs::Build)?.bins;
-            let agent = bins.join("podwire-agent");
-            let mut cmd = Command::new(&agent);
-            cmd.args(&args);
-            // Developers want to see what the programs do on every packet unless they say otherwise
-            // (`podwire` is the kernel programs' log target).
-            if std::env::var_os("PODWIRE_LOG").is_none() {
-                cmd.env("PODWIRE_LOG", "info,podwire=debug");
-            }
-            // Replace this process so Ctrl-C and SIGTERM reach the agent directly and it detaches.
-            return Err(cmd.exec()).with_context(|| format!("executing {}", agent.display()));
-        }
-        Cmd::Demo => {
-            let bins = build::all(false, Needs::Run)?.bins;
-            demo::run(&bins)?;
-        }
-        Cmd::Bench { reps, seconds } => {
-            let bins = build::all(true, Needs::Run)?.bins;
-            bench::run(&bins, reps, seconds)?;
-        }
-        Cmd::Test { args } => {
-            build::test(&args)?;
-        }
-        Cmd::VmVerify => {
-            vm::verify()?;
-        }
+        Cmd::Build { release } => build::run(release),
+        Cmd::Run { release, args } => run::run(release, &args),
+        Cmd::Demo => demo::run(),
+        Cmd::Bench { reps, seconds } => bench::run(reps, seconds),
+        Cmd::Test { args } => test::run(&args),
+        Cmd::VmVerify => vm_verify::run(),
     }
-    Ok(())
-}
-
-/// The workspace root (the parent of this crate).
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives inside the workspace")
-        .to_path_buf()
 }

@@ -1,6 +1,14 @@
 //! Finds, and installs when missing, everything the build and the tests need: Debian's Rust with the
 //! precompiled `bpfel-unknown-none` standard library, bpf-linker built against Debian's LLVM 22, and
-//! the network tools the integration tests drive. See ../shared/TOOLCHAIN.md for why each is needed.
+//! the network tools the integration tests drive.
+//!
+//! Why Debian's Rust: the rustup toolchains here cannot download components, so they have neither
+//! `rust-src` nor a standard library for `bpfel-unknown-none`. Debian's `rustc-web` (1.96, at
+//! /usr/bin/rustc, built on LLVM 22) comes with a precompiled `core` for that target in
+//! `libstd-rust-web-dev-bpf`, so no `-Z build-std` is needed; aya-ebpf uses unstable features, so
+//! it runs with `RUSTC_BOOTSTRAP=1`. bpf-linker links the object and must use the LLVM rustc
+//! emits bitcode for, hence LLVM 22 (its default feature wants LLVM 23, which Debian lacks). The
+//! userspace crates, xtask included, build with the default rustup toolchain.
 //!
 //! The check is a single `dpkg-query` plus a `bpf-linker --version`, so it costs milliseconds when
 //! everything is present; installing is idempotent.
@@ -83,7 +91,10 @@ fn missing_packages<'a>(packages: &[(&'a str, &'a str)]) -> Result<Vec<(&'a str,
         .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
         .args(&names)
         .output()
-        .context("running dpkg-query: podwire's build needs a Debian machine (see ../shared/TOOLCHAIN.md)")?;
+        .context(
+            "running dpkg-query: podwire's build installs its toolchain with dpkg and apt, so it \
+             needs a Debian 12 machine",
+        )?;
     let listing = String::from_utf8_lossy(&out.stdout);
     let installed: Vec<&str> = listing
         .lines()

@@ -261,7 +261,10 @@ mod tests {
         for kind in [NodeKind::Remote, NodeKind::Local, NodeKind::NoNode] {
             assert_eq!(NodeEntry::node(kind, [1, 2, 3, 4]).kind(), Some(kind));
         }
-        let unknown = NodeEntry { addr: [0; 4], kind: 7 };
+        let unknown = NodeEntry {
+            addr: [0; 4],
+            kind: 7,
+        };
         assert_eq!(unknown.kind(), None);
         assert!(!unknown.is_remote());
     }

@@ -2,11 +2,11 @@
 //! updated), MACs of the pod's veth pair, then `bpf_redirect_peer` straight into the pod's
 //! namespace, skipping the host stack and its backlog queue (kernel 5.10, commit 9aa1206e8f48).
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::generated::bpf_redirect_peer, programs::TcContext};
+use aya_ebpf::{helpers::generated::bpf_redirect_peer, programs::TcContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use podwire_common::{Endpoint, Reason};
 
-use crate::Outcome;
+use crate::{Outcome, TC_SHOT};
 
 const TTL_OFFSET: usize = EthHdr::LEN + 8;
 const CHECK_OFFSET: usize = EthHdr::LEN + 10;
@@ -21,13 +21,13 @@ pub fn to_endpoint(
 ) -> Result<Outcome, Outcome> {
     let (ttl, proto) = (ip.ttl, ip.proto);
     if ttl <= 1 {
-        return Err((Reason::DropTtlExceeded, TC_ACT_SHOT as i32));
+        return Err((Reason::DropTtlExceeded, TC_SHOT));
     }
     let (ifindex, pod_mac, host_mac) = (dest.ifindex, dest.pod_mac, dest.host_mac);
     // The TTL/protocol word changes, so does the header checksum.
     let old = u16::from_ne_bytes([ttl, proto]);
     let new = u16::from_ne_bytes([ttl - 1, proto]);
-    let malformed = |_| (Reason::DropMalformed, TC_ACT_SHOT as i32);
+    let malformed = |_| (Reason::DropMalformed, TC_SHOT);
     ctx.l3_csum_replace(CHECK_OFFSET, u64::from(old), u64::from(new), 2)
         .map_err(malformed)?;
     ctx.store(TTL_OFFSET, &(ttl - 1), 0).map_err(malformed)?;

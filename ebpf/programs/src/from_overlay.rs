@@ -6,11 +6,7 @@
 //! this node's pod CIDR that no pod holds is dropped; anything else (the node's own addresses) goes
 //! up the host stack.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::debug;
 use podwire_common::{NodeKind, Reason};
 
@@ -19,7 +15,7 @@ use crate::{
     deliver,
     maps::{node_of, ENDPOINTS_V1},
     parse::eth_ipv4,
-    tunnel, Outcome, DROP_MALFORMED,
+    tunnel, Outcome, DROP_MALFORMED, TC_OK, TC_SHOT,
 };
 
 /// skb->pkt_type for a packet addressed to this host.
@@ -35,7 +31,7 @@ pub fn from_overlay(ctx: TcContext) -> i32 {
 }
 
 fn try_from_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
-    const SPOOFED: Outcome = (Reason::DropOverlaySpoofed, TC_ACT_SHOT as i32);
+    const SPOOFED: Outcome = (Reason::DropOverlaySpoofed, TC_SHOT);
     let remote = tunnel::remote(ctx).ok_or(SPOOFED)?;
     // Only IPv4 is tunnelled: anything else claims to be what no node sends.
     let (_, ip) = eth_ipv4(ctx)?.ok_or(SPOOFED)?;
@@ -52,7 +48,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
         }
     }
     // SAFETY: map values are only read here; the agent replaces them whole.
-    if let Some(dest) = unsafe { ENDPOINTS_V1.get(&ip.dst_addr) } {
+    if let Some(dest) = unsafe { ENDPOINTS_V1.get(ip.dst_addr) } {
         debug!(
             ctx,
             "from_overlay: {:i} -> {:i}: local pod",
@@ -62,10 +58,10 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
         return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay);
     }
     if node_of(ip.dst_addr).is_some_and(|n| matches!(n.kind(), Some(NodeKind::Local))) {
-        return Err((Reason::DropNoEndpoint, TC_ACT_SHOT as i32));
+        return Err((Reason::DropNoEndpoint, TC_SHOT));
     }
     // The inner frame carries the sending node's MACs; the device is NOARP, so nothing here
     // matches them and the stack would take the packet for another host.
     ctx.change_type(PACKET_HOST).map_err(|_| DROP_MALFORMED)?;
-    Ok((Reason::PassToStack, TC_ACT_OK as i32))
+    Ok((Reason::PassToStack, TC_OK))
 }

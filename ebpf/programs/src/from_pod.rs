@@ -6,11 +6,7 @@
 //! that no node owns is dropped. Anything else goes up the host stack (masqueraded there when
 //! it leaves the node).
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::debug;
 use podwire_common::{NodeKind, Reason};
 
@@ -19,7 +15,7 @@ use crate::{
     deliver,
     maps::{node_of, ENDPOINTS_V1},
     parse::eth_ipv4,
-    tunnel, Outcome,
+    tunnel, Outcome, TC_OK, TC_SHOT,
 };
 
 #[classifier]
@@ -33,20 +29,20 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let Some((eth, ip)) = eth_ipv4(ctx)? else {
-        return Ok((Reason::PassNotIpv4, TC_ACT_OK as i32));
+        return Ok((Reason::PassNotIpv4, TC_OK));
     };
 
     // SAFETY: the kernel hands the program a valid __sk_buff.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: map values are only read here; the agent replaces them whole.
-    match unsafe { ENDPOINTS_V1.get(&ip.src_addr) } {
+    match unsafe { ENDPOINTS_V1.get(ip.src_addr) } {
         Some(ep) if ep.ifindex == ingress => {
             if ep.pod_mac != eth.src_addr {
                 debug!(
                     ctx,
                     "from_pod: drop, source MAC {:mac} is not the pod's", eth.src_addr
                 );
-                return Err((Reason::DropSpoofedMac, TC_ACT_SHOT as i32));
+                return Err((Reason::DropSpoofedMac, TC_SHOT));
             }
         }
         _ => {
@@ -56,12 +52,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
                 ip.src_addr(),
                 ingress
             );
-            return Err((Reason::DropSpoofedIp, TC_ACT_SHOT as i32));
+            return Err((Reason::DropSpoofedIp, TC_SHOT));
         }
     }
 
     // SAFETY: as above.
-    if let Some(dest) = unsafe { ENDPOINTS_V1.get(&ip.dst_addr) } {
+    if let Some(dest) = unsafe { ENDPOINTS_V1.get(ip.dst_addr) } {
         debug!(
             ctx,
             "from_pod: {:i} -> {:i}: local pod",
@@ -72,8 +68,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
     }
     if let Some(node) = node_of(ip.dst_addr) {
         match node.kind() {
-            Some(NodeKind::Local) => return Err((Reason::DropNoEndpoint, TC_ACT_SHOT as i32)),
-            Some(NodeKind::NoNode) | None => return Err((Reason::DropNoNode, TC_ACT_SHOT as i32)),
+            Some(NodeKind::Local) => return Err((Reason::DropNoEndpoint, TC_SHOT)),
+            Some(NodeKind::NoNode) | None => return Err((Reason::DropNoNode, TC_SHOT)),
             Some(NodeKind::Remote) if tunnel::enabled() => {
                 debug!(
                     ctx,
@@ -84,7 +80,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
                 );
                 return tunnel::redirect_to(ctx, &node)
                     .map(|action| (Reason::RedirectOverlay, action))
-                    .map_err(|_| (Reason::DropEncapFailed, TC_ACT_SHOT as i32));
+                    .map_err(|_| (Reason::DropEncapFailed, TC_SHOT));
             }
             // Without an overlay, other nodes' pods are the host stack's to route.
             Some(NodeKind::Remote) => {}
@@ -96,5 +92,5 @@ fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
         ip.src_addr(),
         ip.dst_addr()
     );
-    Ok((Reason::PassToStack, TC_ACT_OK as i32))
+    Ok((Reason::PassToStack, TC_OK))
 }

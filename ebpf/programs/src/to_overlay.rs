@@ -3,20 +3,16 @@
 //! CIDRs over the device, which gets its tunnel key here: the collect_md device drops packets
 //! without one.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use podwire_common::Reason;
 
-use crate::{counters::verdict, maps::node_of, parse::eth_ipv4, tunnel, Outcome};
+use crate::{counters::verdict, maps::node_of, parse::eth_ipv4, tunnel, Outcome, TC_OK, TC_SHOT};
 
 #[classifier]
 pub fn to_overlay(ctx: TcContext) -> i32 {
     if tunnel::remote(&ctx).is_some() {
         // Keyed (and counted) by from_pod.
-        return TC_ACT_OK as i32;
+        return TC_OK;
     }
     let (reason, action) = match try_to_overlay(&ctx) {
         Ok(v) => v,
@@ -29,12 +25,12 @@ fn try_to_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
     // The device has no ARP and no IPv6, so nothing but IPv4 is expected; anything else goes on
     // unkeyed, for the VXLAN driver to discard.
     let Some((_, ip)) = eth_ipv4(ctx)? else {
-        return Ok((Reason::PassNotIpv4, TC_ACT_OK as i32));
+        return Ok((Reason::PassNotIpv4, TC_OK));
     };
     match node_of(ip.dst_addr) {
         Some(node) if node.is_remote() => tunnel::set_key(ctx, &node)
-            .map(|()| (Reason::EncapHost, TC_ACT_OK as i32))
-            .map_err(|_| (Reason::DropEncapFailed, TC_ACT_SHOT as i32)),
-        _ => Err((Reason::DropNoNode, TC_ACT_SHOT as i32)),
+            .map(|()| (Reason::EncapHost, TC_OK))
+            .map_err(|_| (Reason::DropEncapFailed, TC_SHOT)),
+        _ => Err((Reason::DropNoNode, TC_SHOT)),
     }
 }

@@ -1,12 +1,15 @@
 //! `cargo xtask vm-verify`: boots Debian 12's own 6.1 LTS kernel in qemu with an initramfs whose
 //! init runs `podwire-verify`, so every eBPF program goes through the verifier of the kernel users
 //! run, not only this machine's, and pods exchange packets through the datapath attached with
-//! netlink tc, as kernels before 6.6 (no TCX) need. KVM does not work on these machines: qemu
-//! emulates (TCG).
-//! See ../shared/TOOLCHAIN.md, "Other kernels".
+//! netlink tc, as kernels before 6.6 (no TCX) need. podwire-verify states what it found in one
+//! JSON report line (`podwire_lab::vm`), which is checked here.
+//!
+//! The kernel is Debian's `linux-image-6.1.0-*-cloud-amd64-unsigned` package, downloaded once
+//! with apt and unpacked with `dpkg-deb`. KVM does not work on these machines (qemu fails on an
+//! MSR with `-cpu host` or `max`): qemu emulates (TCG), which still boots in seconds. The
+//! initramfs holds no libc, so podwire-verify is linked statically (glibc, crt-static).
 
 use std::{
-    collections::BTreeSet,
     fs::{self, File},
     io::{BufRead as _, BufReader, Write as _},
     os::unix::fs::PermissionsExt as _,
@@ -19,8 +22,14 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use podwire_core::object::programs;
+use podwire_lab::vm::{VerifyReport, NETLINK_TC};
 
-use crate::{build, cmd::run, toolchain, workspace_root};
+use crate::{
+    build::{self, workspace_root},
+    cmd,
+    toolchain::{self, Needs},
+};
 
 const PACKAGES: &[(&str, &str)] = &[
     (
@@ -33,9 +42,6 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("cpio", "packs the initramfs"),
 ];
-/// `podwire_agent::datapath::programs::ALL`, repeated because xtask does not depend on the agent;
-/// the check below fails if podwire-verify reports any other set.
-const PROGRAMS: [&str; 3] = ["from_pod", "from_overlay", "to_overlay"];
 /// What podwire-verify's pod-to-pod check needs that Debian's cloud kernel builds as modules
 /// (paths below lib/modules/<release>/kernel; none depends on another): veth, and clsact and the
 /// bpf classifier for netlink tc.
@@ -52,7 +58,8 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 const START: &str = "podwire-vm: running podwire-verify";
 const EXIT: &str = "podwire-vm: podwire-verify exited with ";
 
-pub fn verify() -> Result<()> {
+/// Boots the VM and checks podwire-verify's report.
+pub fn run() -> Result<()> {
     toolchain::ensure_packages(PACKAGES)?;
     let dir = workspace_root().join("target/vm");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -98,7 +105,7 @@ fn kernel(dir: &Path) -> Result<Kernel> {
             eprintln!("xtask: downloading {package} (Debian 12's 6.1 kernel, once)");
             let mut download = Command::new("apt-get");
             download.current_dir(dir).args(["-q", "download", &package]);
-            run(download).with_context(|| format!("downloading {package}"))?;
+            cmd::run(download).with_context(|| format!("downloading {package}"))?;
             cached_deb(dir, &package)?.with_context(|| {
                 format!(
                     "apt-get download left no {package}_*.deb in {}",
@@ -112,7 +119,7 @@ fn kernel(dir: &Path) -> Result<Kernel> {
     remove_dir(&unpacked)?;
     let mut extract = Command::new("dpkg-deb");
     extract.arg("-x").arg(&deb).arg(&unpacked);
-    run(extract)
+    cmd::run(extract)
         .with_context(|| format!("unpacking {} (delete it to download again)", deb.display()))?;
     fs::create_dir_all(&modules_dir)
         .with_context(|| format!("creating {}", modules_dir.display()))?;
@@ -176,11 +183,10 @@ fn cached_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {
 
 /// Builds podwire-verify statically, since the initramfs has no libc; returns its path.
 fn build_verifier() -> Result<PathBuf> {
-    let object = build::ebpf(&toolchain::ensure(toolchain::Needs::Build)?)?;
+    let object = build::ebpf(&toolchain::ensure(Needs::Build)?)?;
     let target_dir = workspace_root().join("target");
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cargo = build::userspace_cargo(&object);
     cargo
-        .current_dir(workspace_root())
         .args([
             "build",
             "--release",
@@ -193,9 +199,8 @@ fn build_verifier() -> Result<PathBuf> {
         .args(["--target", TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env(build::OBJECT_ENV, &object);
-    run(cargo).context("building podwire-verify statically")?;
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    cmd::run(cargo).context("building podwire-verify statically")?;
     Ok(target_dir.join(TARGET).join("release/podwire-verify"))
 }
 
@@ -372,49 +377,65 @@ fn boot(vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>> {
     Ok(serial)
 }
 
-/// Fails unless podwire-verify exited 0, reported exactly [`PROGRAMS`] verified, on a 6.1 kernel,
-/// and reported pods exchanging packets through netlink tc.
+/// Fails unless podwire-verify exited 0 and its report says: no error, a 6.1 kernel, every
+/// program of `podwire_core::object::programs::ALL` verified, and datagrams delivered pod-to-pod
+/// through netlink tc with forwarding off.
 fn check(serial: &[String]) -> Result<()> {
+    let console = || serial.join("\n");
     let Some(code) = serial.iter().find_map(|line| line.strip_prefix(EXIT)) else {
         bail!(
             "the VM never reported podwire-verify's exit (kernel panic or broken init?); \
              its serial console:\n{}",
-            serial.join("\n")
+            console()
         );
     };
+    let report = serial
+        .iter()
+        .find_map(|line| VerifyReport::from_line(line))
+        .with_context(|| {
+            format!(
+                "podwire-verify exited with {code} without a report line (did it crash?); \
+                 its serial console:\n{}",
+                console()
+            )
+        })??;
+    if let Some(error) = &report.error {
+        bail!(
+            "podwire-verify failed on kernel {} (exit code {code}): {error}",
+            report.kernel
+        );
+    }
     ensure!(
         code == "0",
-        "podwire-verify exited with {code} on Debian's 6.1 kernel: a program failed its verifier \
-         or pods could not exchange packets through the datapath, see its output above"
-    );
-    let verified: BTreeSet<&str> = serial
-        .iter()
-        .filter_map(|line| line.strip_prefix("verified "))
-        .collect();
-    let expected = BTreeSet::from(PROGRAMS);
-    ensure!(
-        verified == expected,
-        "podwire-verify verified {verified:?}, xtask expects {expected:?}: \
-         keep vm.rs's PROGRAMS equal to podwire_agent::datapath::programs::ALL"
-    );
-    let summary = serial
-        .iter()
-        .find(|line| line.starts_with("podwire-verify: all "))
-        .context("podwire-verify printed no summary line")?;
-    ensure!(
-        summary.contains(" on kernel 6.1."),
-        "not Debian's 6.1 kernel: {summary}"
+        "podwire-verify exited with {code} but reported no error: {report:?}"
     );
     ensure!(
-        serial.iter().any(|line| {
-            line.starts_with("podwire-verify: delivered ")
-                && line.ends_with(" via netlink tc, forwarding off")
-        }),
-        "podwire-verify exited 0 but reported no pod-to-pod delivery through netlink tc"
+        report.kernel.starts_with("6.1."),
+        "the VM ran kernel {:?}, not Debian's 6.1",
+        report.kernel
+    );
+    ensure!(
+        report.verified == programs::ALL,
+        "podwire-verify verified {:?}, the object has {:?}",
+        report.verified,
+        programs::ALL
+    );
+    let delivery = report
+        .delivery
+        .context("podwire-verify succeeded but reported no pod-to-pod delivery")?;
+    ensure!(
+        delivery.attach == NETLINK_TC && !delivery.forwarding && delivery.datagrams > 0,
+        "podwire-verify's pod-to-pod delivery was not through {NETLINK_TC} with forwarding off: \
+         {delivery:?}"
     );
     eprintln!(
-        "xtask: every podwire program passed the verifier of Debian 12's 6.1 kernel, and pods \
-         exchanged packets through from_pod attached with netlink tc"
+        "xtask: all {} podwire programs passed the verifier of kernel {}, and {} datagrams of {} \
+         to {} bytes went pod-to-pod through from_pod attached with netlink tc, forwarding off",
+        report.verified.len(),
+        report.kernel,
+        delivery.datagrams,
+        delivery.min_bytes,
+        delivery.max_bytes
     );
     Ok(())
 }

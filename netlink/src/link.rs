@@ -1,0 +1,155 @@
+//! Netlink connections and links: the one lookup, by name or index, that every operation uses.
+
+use std::{fs::File, net::Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use nix::sched::{setns, CloneFlags};
+use podwire_core::mac::Mac;
+use rtnetlink::{
+    packet_route::link::{LinkAttribute, LinkFlags, LinkMessage},
+    Handle,
+};
+
+use crate::error::{NetlinkError, Op};
+
+/// A netlink connection in one network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// A link, as the lookups return it.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<Mac>,
+    pub mtu: Option<u32>,
+    pub up: bool,
+}
+
+/// How to find a link.
+#[derive(Clone, Copy, Debug)]
+pub enum LinkRef<'a> {
+    Name(&'a str),
+    Index(u32),
+}
+
+impl Link {
+    fn from_message(message: LinkMessage) -> Link {
+        let mut link = Link {
+            index: message.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: None,
+            up: message.header.flags.contains(LinkFlags::Up),
+        };
+        for attribute in message.attributes {
+            match attribute {
+                LinkAttribute::IfName(name) => link.name = name,
+                LinkAttribute::Address(bytes) => link.mac = Mac::try_from(bytes.as_slice()).ok(),
+                LinkAttribute::Mtu(mtu) => link.mtu = Some(mtu),
+                _ => {}
+            }
+        }
+        link
+    }
+
+    /// The link's MAC address, which every veth and VXLAN device has.
+    pub fn mac(&self) -> Result<Mac, NetlinkError> {
+        self.mac
+            .ok_or_else(|| NetlinkError::NoMac(self.name.clone()))
+    }
+}
+
+impl Netlink {
+    /// Connects in the calling thread's network namespace.
+    pub fn connect() -> Result<Netlink, NetlinkError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    /// Connects inside the namespace `ns` (opened from `path`, named in errors): the calling
+    /// thread enters it just long enough to open the socket, which then stays in it.
+    pub fn connect_in(ns: &File, path: &str) -> Result<Netlink, NetlinkError> {
+        let netns_err = |source: std::io::Error| NetlinkError::Netns {
+            path: path.to_owned(),
+            source,
+        };
+        let here = File::open("/proc/thread-self/ns/net").map_err(netns_err)?;
+        setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| netns_err(e.into()))?;
+        let netlink = Self::connect();
+        // Back to the node's namespace whatever happened; nothing else may run in the pod's.
+        setns(&here, CloneFlags::CLONE_NEWNET)
+            .expect("returning to the caller's network namespace");
+        netlink
+    }
+
+    /// The link `which`, if it exists.
+    pub async fn link(&self, which: LinkRef<'_>) -> Result<Option<Link>, NetlinkError> {
+        let request = self.handle.link().get();
+        let request = match which {
+            LinkRef::Name(name) => request.match_name(name.to_owned()),
+            LinkRef::Index(index) => request.match_index(index),
+        };
+        match request.execute().try_next().await {
+            Ok(found) => Ok(found.map(Link::from_message)),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(source) => Err(NetlinkError::Request {
+                op: Op::LookUpLink(match which {
+                    LinkRef::Name(name) => name.to_owned(),
+                    LinkRef::Index(index) => format!("#{index}"),
+                }),
+                source,
+            }),
+        }
+    }
+
+    /// The link named `name`, which must exist.
+    pub async fn existing_link(&self, name: &str) -> Result<Link, NetlinkError> {
+        self.link(LinkRef::Name(name))
+            .await?
+            .ok_or_else(|| NetlinkError::NoLink(name.to_owned()))
+    }
+
+    /// Deletes the link named `name` (a veth takes its peer with it); a missing one is fine.
+    pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
+        let Some(found) = self.link(LinkRef::Name(name)).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(found.index).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            other => other.map_err(Op::DeleteLink(name.to_owned()).failed()),
+        }
+    }
+
+    /// The interface holding `address`.
+    pub async fn address_owner(&self, address: Ipv4Addr) -> Result<Link, NetlinkError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+
+        let addresses: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Op::ListAddresses.failed())?;
+        let index = addresses
+            .iter()
+            .find(|a| {
+                a.attributes
+                    .contains(&AddressAttribute::Address(address.into()))
+            })
+            .map(|a| a.header.index)
+            .ok_or(NetlinkError::NoAddress(address))?;
+        self.link(LinkRef::Index(index))
+            .await?
+            .ok_or_else(|| NetlinkError::NoLink(format!("#{index}")))
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
