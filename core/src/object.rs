@@ -10,8 +10,17 @@ pub mod programs {
     pub const FROM_OVERLAY: &str = "from_overlay";
     /// tc egress of the VXLAN device: what goes into the tunnel.
     pub const TO_OVERLAY: &str = "to_overlay";
-    /// Every program, in load order.
+    /// Every program a node attaches, in load order.
     pub const ALL: [&str; 3] = [FROM_POD, FROM_OVERLAY, TO_OVERLAY];
+    /// `from_overlay` as BPF_PROG_TEST_RUN can run it: the same code, but the sending node's
+    /// address comes from `__sk_buff.cb[0]` (in network byte order), as a test run cannot give a
+    /// packet tunnel metadata. Never attached.
+    pub const TEST_FROM_OVERLAY: &str = "test_from_overlay";
+    /// `to_overlay` as BPF_PROG_TEST_RUN can run it: a packet already keyed toward a node is one
+    /// with that node's address in `cb[0]`. Never attached.
+    pub const TEST_TO_OVERLAY: &str = "test_to_overlay";
+    /// The programs only tests run.
+    pub const TEST_RUN: [&str; 2] = [TEST_FROM_OVERLAY, TEST_TO_OVERLAY];
 }
 
 /// The maps, all pinned in bpffs so they outlive the agent.

@@ -99,9 +99,7 @@ pub struct LoadOptions<'a> {
     pub pins: Option<&'a Pins>,
     /// The tunnel for other nodes' pods; without one their traffic goes up the host stack.
     pub tunnel: Option<Tunnel>,
-    /// Load the programs to be run with BPF_PROG_TEST_RUN, which cannot give a packet tunnel
-    /// metadata: the sending node's address is then read from `__sk_buff.cb[0]` instead. Never
-    /// for programs attached to live traffic.
+    /// Also load the programs only BPF_PROG_TEST_RUN runs ([`programs::TEST_RUN`]).
     pub test_run: bool,
 }
 
@@ -143,13 +141,11 @@ impl Datapath {
             vxlan_ifindex: 0,
             vni: 1,
         });
-        let test_run = u32::from(options.test_run);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &level, true)
             .override_global("VXLAN_IFINDEX", &tunnel.vxlan_ifindex, true)
-            .override_global("VNI", &tunnel.vni, true)
-            .override_global("TEST_RUN", &test_run, true);
+            .override_global("VNI", &tunnel.vni, true);
         if let Some(pins) = options.pins {
             crate::bpffs::prepare(pins)?;
             for name in maps::PINNED {
@@ -163,7 +159,11 @@ impl Datapath {
             LogLevel::Off => None,
             _ => Some(EbpfLogger::init(&mut ebpf)?),
         };
-        for name in programs::ALL {
+        let test_run = options.test_run.then_some(programs::TEST_RUN);
+        for name in programs::ALL
+            .into_iter()
+            .chain(test_run.into_iter().flatten())
+        {
             classifier(&mut ebpf, name)
                 .ok_or(LoadError::NoProgram(name))?
                 .load()
@@ -187,7 +187,8 @@ impl Datapath {
         self.logger.take()
     }
 
-    /// The program named `name` (one of [`programs::ALL`]), to attach or to test-run.
+    /// The program named `name` (one of [`programs::ALL`], or of [`programs::TEST_RUN`] when
+    /// loaded for test runs), to attach or to test-run.
     pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoadError> {
         classifier(&mut self.ebpf, name).ok_or(LoadError::NoProgram(name))
     }

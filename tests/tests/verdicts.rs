@@ -4,8 +4,8 @@
 //!
 //! The node is 192.168.77.1 with pod CIDR 10.244.1.0/24 in the cluster range 10.244.0.0/16; nodes
 //! 192.168.77.2 and .3 own 10.244.2.0/24 and 10.244.3.0/24. A test run cannot give a packet
-//! tunnel metadata, so the programs are loaded in test-run mode, where the tunnel's remote end
-//! is read from `__sk_buff.cb[0]` (a node's agent never loads them so).
+//! tunnel metadata, so `from_overlay` and `to_overlay` run as their test twins, compiled from the
+//! same code but reading the tunnel's remote end from `__sk_buff.cb[0]`.
 
 use std::net::Ipv4Addr;
 
@@ -72,7 +72,7 @@ fn net(s: &str) -> Ipv4Net {
     s.parse().expect("a prefix")
 }
 
-/// The datapath in test-run mode with a tunnel, the node table above, pods A and B.
+/// The datapath with the test twins and a tunnel, the node table above, pods A and B.
 fn datapath(object: &[u8]) -> Result<Datapath> {
     require_root()?;
     let mut datapath = Datapath::load(
@@ -86,7 +86,7 @@ fn datapath(object: &[u8]) -> Result<Datapath> {
             ..LoadOptions::default()
         },
     )
-    .context("loading the datapath in test-run mode")?;
+    .context("loading the datapath with the test-run programs")?;
     let remote = |addr: Ipv4Addr| NodeEntry::node(NodeKind::Remote, addr.octets());
     for (prefix, entry) in [
         (net("10.244.0.0/16"), NodeEntry::no_node()),
@@ -113,7 +113,7 @@ fn datapath(object: &[u8]) -> Result<Datapath> {
 }
 
 /// `__sk_buff` up to and including `cb[0]`, all zero but `cb[0]`, which holds `remote` in
-/// network byte order: what test-run mode reads as the tunnel's remote end.
+/// network byte order: what the test twins read as the tunnel's remote end.
 fn ctx_with_remote(remote: Ipv4Addr) -> Vec<u8> {
     const CB0: usize = 48;
     let mut ctx = vec![0u8; CB0 + 4];
@@ -407,7 +407,7 @@ fn from_overlay_verdicts_on_crafted_packets() -> Result<()> {
             from_b,
         ),
     ];
-    check_table(&mut datapath, programs::FROM_OVERLAY, &cases)
+    check_table(&mut datapath, programs::TEST_FROM_OVERLAY, &cases)
 }
 
 #[test]
@@ -464,5 +464,5 @@ fn to_overlay_verdicts_on_crafted_packets() -> Result<()> {
             )
         },
     ];
-    check_table(&mut datapath, programs::TO_OVERLAY, &cases)
+    check_table(&mut datapath, programs::TEST_TO_OVERLAY, &cases)
 }

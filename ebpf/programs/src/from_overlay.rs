@@ -13,9 +13,10 @@ use podwire_common::{NodeKind, Reason};
 use crate::{
     counters::verdict,
     deliver,
-    maps::{node_of, ENDPOINTS_V1},
+    maps::{endpoint_of, node_of},
     parse::eth_ipv4,
-    tunnel, Outcome, DROP_MALFORMED, TC_OK, TC_SHOT,
+    tunnel::{FromControlBlock, FromMetadata, Remote},
+    Outcome, DROP_MALFORMED, TC_OK, TC_SHOT,
 };
 
 /// skb->pkt_type for a packet addressed to this host.
@@ -23,16 +24,28 @@ const PACKET_HOST: u32 = 0;
 
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
-    let (reason, action) = match try_from_overlay(&ctx) {
+    run::<FromMetadata>(&ctx)
+}
+
+/// `from_overlay` for BPF_PROG_TEST_RUN only, never attached: the sending node's address comes
+/// from `cb[0]`.
+#[classifier]
+pub fn test_from_overlay(ctx: TcContext) -> i32 {
+    run::<FromControlBlock>(&ctx)
+}
+
+#[inline(always)]
+fn run<R: Remote>(ctx: &TcContext) -> i32 {
+    let (reason, action) = match try_from_overlay::<R>(ctx) {
         Ok(v) => v,
         Err(v) => v,
     };
-    verdict(&ctx, reason, action)
+    verdict(ctx, reason, action)
 }
 
-fn try_from_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
+fn try_from_overlay<R: Remote>(ctx: &TcContext) -> Result<Outcome, Outcome> {
     const SPOOFED: Outcome = (Reason::DropOverlaySpoofed, TC_SHOT);
-    let remote = tunnel::remote(ctx).ok_or(SPOOFED)?;
+    let remote = R::remote(ctx).ok_or(SPOOFED)?;
     // Only IPv4 is tunnelled: anything else claims to be what no node sends.
     let (_, ip) = eth_ipv4(ctx)?.ok_or(SPOOFED)?;
     match node_of(ip.src_addr) {
@@ -47,8 +60,7 @@ fn try_from_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
             return Err(SPOOFED);
         }
     }
-    // SAFETY: map values are only read here; the agent replaces them whole.
-    if let Some(dest) = unsafe { ENDPOINTS_V1.get(ip.dst_addr) } {
+    if let Some(dest) = endpoint_of(&ip.dst_addr) {
         debug!(
             ctx,
             "from_overlay: {:i} -> {:i}: local pod",

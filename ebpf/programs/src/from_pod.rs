@@ -13,7 +13,7 @@ use podwire_common::{NodeKind, Reason};
 use crate::{
     counters::verdict,
     deliver,
-    maps::{node_of, ENDPOINTS_V1},
+    maps::{endpoint_of, node_of},
     parse::eth_ipv4,
     tunnel, Outcome, TC_OK, TC_SHOT,
 };
@@ -34,8 +34,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
 
     // SAFETY: the kernel hands the program a valid __sk_buff.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: map values are only read here; the agent replaces them whole.
-    match unsafe { ENDPOINTS_V1.get(ip.src_addr) } {
+    match endpoint_of(&ip.src_addr) {
         Some(ep) if ep.ifindex == ingress => {
             if ep.pod_mac != eth.src_addr {
                 debug!(
@@ -56,8 +55,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
         }
     }
 
-    // SAFETY: as above.
-    if let Some(dest) = unsafe { ENDPOINTS_V1.get(ip.dst_addr) } {
+    if let Some(dest) = endpoint_of(&ip.dst_addr) {
         debug!(
             ctx,
             "from_pod: {:i} -> {:i}: local pod",

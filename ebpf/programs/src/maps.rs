@@ -24,12 +24,13 @@ pub static VXLAN_IFINDEX: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static VNI: Global<u32> = Global::new(1);
 
-/// Non-zero only in copies of the programs loaded to be run with BPF_PROG_TEST_RUN, which cannot
-/// give a packet tunnel metadata: there the tunnel's remote end is read from `__sk_buff.cb[0]`
-/// (see `tunnel::remote`). An agent loads with zero; the value sits in the object's frozen
-/// .rodata, so the verifier knows it and removes the branch that reads the control block.
-#[unsafe(no_mangle)]
-pub static TEST_RUN: Global<u32> = Global::new(0);
+/// The pod on this node holding `addr` (network byte order), looked up with the key read in place
+/// from the packet.
+#[inline(always)]
+pub fn endpoint_of(addr: &[u8; 4]) -> Option<&'static Endpoint> {
+    // SAFETY: map values are only read here; the agent replaces them whole.
+    unsafe { ENDPOINTS_V1.get(addr) }
+}
 
 /// The node owning `addr` (network byte order), if any prefix covers it.
 #[inline(always)]

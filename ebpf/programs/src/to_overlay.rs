@@ -6,21 +6,40 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use podwire_common::Reason;
 
-use crate::{counters::verdict, maps::node_of, parse::eth_ipv4, tunnel, Outcome, TC_OK, TC_SHOT};
+use crate::{
+    counters::verdict,
+    maps::node_of,
+    parse::eth_ipv4,
+    tunnel::{self, FromControlBlock, FromMetadata, Remote},
+    Outcome, TC_OK, TC_SHOT,
+};
 
 #[classifier]
 pub fn to_overlay(ctx: TcContext) -> i32 {
-    if tunnel::remote(&ctx).is_some() {
+    run::<FromMetadata>(&ctx)
+}
+
+/// `to_overlay` for BPF_PROG_TEST_RUN only, never attached: what it already finds keyed is
+/// marked in `cb[0]`.
+#[classifier]
+pub fn test_to_overlay(ctx: TcContext) -> i32 {
+    run::<FromControlBlock>(&ctx)
+}
+
+#[inline(always)]
+fn run<R: Remote>(ctx: &TcContext) -> i32 {
+    if R::remote(ctx).is_some() {
         // Keyed (and counted) by from_pod.
         return TC_OK;
     }
-    let (reason, action) = match try_to_overlay(&ctx) {
+    let (reason, action) = match try_to_overlay(ctx) {
         Ok(v) => v,
         Err(v) => v,
     };
-    verdict(&ctx, reason, action)
+    verdict(ctx, reason, action)
 }
 
+#[inline(always)]
 fn try_to_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
     // The device has no ARP and no IPv6, so nothing but IPv4 is expected; anything else goes on
     // unkeyed, for the VXLAN driver to discard.

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use podwire_common::NodeEntry;
 
-use crate::maps::{TEST_RUN, VNI, VXLAN_IFINDEX};
+use crate::maps::{VNI, VXLAN_IFINDEX};
 
 /// Key size up to (not including) `tunnel_label`: accepted by every kernel since 4.3, while the
 /// full struct grew in 6.0 (local_ipv4, commit 26101f5ab6bd) and older kernels reject it.
@@ -50,22 +50,40 @@ pub fn redirect_to(ctx: &TcContext, node: &NodeEntry) -> Result<i32, i64> {
     Ok(unsafe { bpf_redirect(VXLAN_IFINDEX.load(), 0) } as i32)
 }
 
-/// The underlay address (network byte order) the packet was tunnelled from, if it came through
-/// a tunnel.
-#[inline(always)]
-pub fn remote(ctx: &TcContext) -> Option<[u8; 4]> {
-    if TEST_RUN.load() != 0 {
+/// Where a program learns the underlay address (network byte order) a packet was tunnelled from,
+/// if it came through a tunnel. The programs are generic over it, so that the attached ones read
+/// the packet's tunnel metadata and carry no trace of the test source.
+pub trait Remote {
+    fn remote(ctx: &TcContext) -> Option<[u8; 4]>;
+}
+
+/// The packet's tunnel metadata, which the VXLAN device set when it decapsulated it.
+pub struct FromMetadata;
+
+impl Remote for FromMetadata {
+    #[inline(always)]
+    fn remote(ctx: &TcContext) -> Option<[u8; 4]> {
+        // SAFETY: all-zero is a valid bpf_tunnel_key.
+        let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+        // SAFETY: key is a live stack object of at least KEY_SIZE bytes.
+        let ret = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, KEY_SIZE, 0) };
+        // SAFETY: the helper filled the IPv4 member (flags 0).
+        (ret == 0).then(|| unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes())
+    }
+}
+
+/// `__sk_buff.cb[0]`, for the copies of the programs run by BPF_PROG_TEST_RUN, which cannot give
+/// a packet tunnel metadata but can set the control block. Zero means no tunnel.
+pub struct FromControlBlock;
+
+impl Remote for FromControlBlock {
+    #[inline(always)]
+    fn remote(ctx: &TcContext) -> Option<[u8; 4]> {
         // SAFETY: the kernel hands the program a valid __sk_buff.
         let cb = unsafe { (*ctx.skb.skb).cb[0] };
-        // The test puts the address in network byte order, as packets carry it.
-        return (cb != 0).then(|| cb.to_ne_bytes());
+        // The test stores the address as it stands in packets.
+        (cb != 0).then(|| cb.to_ne_bytes())
     }
-    // SAFETY: all-zero is a valid bpf_tunnel_key.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    // SAFETY: key is a live stack object of at least KEY_SIZE bytes.
-    let ret = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, KEY_SIZE, 0) };
-    // SAFETY: the helper filled the IPv4 member (flags 0).
-    (ret == 0).then(|| unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes())
 }
 
 /// Whether an overlay is configured on this node.
