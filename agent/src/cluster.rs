@@ -76,7 +76,10 @@ impl ClusterSource for FileSource {
                 }
                 Ok(_) => {}
                 // Keep the last good cluster while the file is being rewritten or is broken.
-                Err(e) => warn!("{}; keeping the previous cluster", crate::error_chain(&e)),
+                Err(e) => warn!(
+                    "{}; keeping the previous cluster",
+                    podwire_core::error_chain(&e)
+                ),
             }
         }
     }

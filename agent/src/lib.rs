@@ -52,15 +52,3 @@ impl Agent {
         self.ipam.pod_cidr()
     }
 }
-
-/// `error: cause: cause`, for messages that cross the socket or go to one log line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
-}

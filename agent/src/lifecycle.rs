@@ -8,6 +8,7 @@ use podwire_common::Endpoint;
 use podwire_core::{
     api::{ApiError, ErrorKind},
     endpoint::{Attachment, EndpointRecord, VethPair},
+    error_chain,
     mac::Mac,
     pins::Pins,
 };
@@ -16,7 +17,6 @@ use podwire_netlink::{Netlink, NetlinkError};
 use tracing::{debug, info, warn};
 
 use crate::{
-    error_chain,
     ipam::{Ipam, IpamError},
     overlay::{Overlay, VXLAN_DEV},
     Agent,

@@ -1,7 +1,10 @@
 //! CNI errors: the spec's JSON error object on stdout, with its well-known codes.
 //! <https://github.com/containernetworking/cni/blob/main/SPEC.md#error>
 
-use podwire_core::api::{ClientError, ErrorKind};
+use podwire_core::{
+    api::{ClientError, ErrorKind},
+    error_chain,
+};
 use podwire_netlink::{pod::CheckError, NetlinkError};
 use serde::Serialize;
 
@@ -65,7 +68,7 @@ impl From<NetlinkError> for CniError {
             NetlinkError::Netns { .. } => code::INVALID_ENV,
             _ => code::IO_FAILURE,
         };
-        CniError::new(code, chain(&e))
+        CniError::new(code, error_chain(&e))
     }
 }
 
@@ -76,16 +79,4 @@ impl From<CheckError> for CniError {
             CheckError::Netlink(e) => e.into(),
         }
     }
-}
-
-/// `error: cause: cause`: the runtime shows `msg` alone, so it carries the whole chain.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }

@@ -243,7 +243,7 @@ async fn check(conf: &NetConf) -> Result<(), CniError> {
         .expect("the agent checks registered endpoints only");
     let host = Netlink::connect()?;
     let pod_ns = PodNetns::open(&netns)
-        .map_err(|e| CniError::new(code::CONTAINER_UNKNOWN, error::chain(&e)))?;
+        .map_err(|e| CniError::new(code::CONTAINER_UNKNOWN, podwire_core::error_chain(&e)))?;
     Ok(pod::check(&host, &pod_ns, veth, &attachment.ifname, endpoint.ip).await?)
 }
 

@@ -10,3 +10,16 @@ pub mod endpoint;
 pub mod mac;
 pub mod object;
 pub mod pins;
+
+/// `error: cause: cause`: an error and its sources on one line, for messages that cross the
+/// agent's socket, go into a CNI error's `msg`, or fill one log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}

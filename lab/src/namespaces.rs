@@ -74,6 +74,28 @@ impl NetNs {
         ip(&all)
     }
 
+    /// A veth pair: `name` here, `peer_name` in `peer`, both with `mtu` if given (both down).
+    pub fn add_veth(
+        &self,
+        name: &str,
+        peer: &NetNs,
+        peer_name: &str,
+        mtu: Option<u32>,
+    ) -> Result<()> {
+        let mtu = mtu.map(|m| m.to_string());
+        let mut args = vec!["link", "add", name];
+        if let Some(mtu) = &mtu {
+            args.extend(["mtu", mtu]);
+        }
+        args.extend(["type", "veth", "peer", "name", peer_name]);
+        if let Some(mtu) = &mtu {
+            args.extend(["mtu", mtu]);
+        }
+        args.extend(["netns", peer.name()]);
+        self.ip(&args)?;
+        Ok(())
+    }
+
     /// A command running `program` in this namespace's network only, not in a mount namespace of
     /// its own as `ip netns exec` would: bpffs pins stay visible, as on a real node.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

@@ -223,18 +223,7 @@ impl Underlay {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let host = NetNs::new(role)?;
         let port = format!("p{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        self.ns.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            host.name(),
-        ])?;
+        self.ns.add_veth(&port, &host, "eth0", None)?;
         self.ns
             .ip(&["link", "set", &port, "master", BRIDGE, "up"])?;
         host.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
@@ -357,18 +346,7 @@ impl NodeAndPod {
     pub fn new() -> Result<NodeAndPod> {
         let node = NetNs::new("node")?;
         let pod = NetNs::new("pod")?;
-        node.ip(&[
-            "link",
-            "add",
-            Self::HOST_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            Self::POD_IF,
-            "netns",
-            pod.name(),
-        ])?;
+        node.add_veth(Self::HOST_IF, &pod, Self::POD_IF, None)?;
         node.ip(&[
             "addr",
             "add",

@@ -3,6 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::mpsc,
     thread,
@@ -27,7 +28,9 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
 /// Waiting for a daemon's line is bounded only against hanging: tests never assert on time.
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A child process whose stderr lines are collected as they arrive; killed on drop.
+/// A child process whose stderr lines are collected as they arrive; killed on drop, and by the
+/// kernel when the thread that started it dies, so a lab killed before its guards run (Ctrl-C,
+/// a killed test) leaves no agent running.
 pub struct Daemon {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -39,6 +42,12 @@ impl Daemon {
     /// Spawns `cmd` with stderr captured; with `echo`, each line is also printed to stderr
     /// behind that prefix as it comes.
     pub fn spawn(mut cmd: Command, echo: Option<String>) -> Result<Daemon> {
+        // SAFETY: prctl is async-signal-safe, as what runs between fork and exec must be.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
         let mut child = cmd
             .stderr(Stdio::piped())
             .spawn()

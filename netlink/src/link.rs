@@ -1,4 +1,5 @@
-//! Netlink connections and links: the one lookup, by name or index, that every operation uses.
+//! Netlink connections, the one link lookup (by name or index) every operation uses, and the
+//! listings the other modules share.
 
 use std::{fs::File, net::Ipv4Addr};
 
@@ -6,8 +7,11 @@ use futures::TryStreamExt as _;
 use nix::sched::{setns, CloneFlags};
 use podwire_core::mac::Mac;
 use rtnetlink::{
-    packet_route::link::{LinkAttribute, LinkFlags, LinkMessage},
-    Handle,
+    packet_route::{
+        link::{LinkAttribute, LinkFlags, LinkMessage},
+        route::RouteMessage,
+    },
+    Handle, RouteMessageBuilder,
 };
 
 use crate::error::{NetlinkError, Op};
@@ -147,6 +151,17 @@ impl Netlink {
         self.link(LinkRef::Index(index))
             .await?
             .ok_or_else(|| NetlinkError::NoLink(format!("#{index}")))
+    }
+
+    /// Every IPv4 route of the namespace.
+    pub(crate) async fn ipv4_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        self.handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Op::ListRoutes.failed())
     }
 
     pub(crate) fn handle(&self) -> &Handle {

@@ -3,7 +3,6 @@
 
 use std::net::Ipv4Addr;
 
-use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use rtnetlink::{
     packet_route::route::{RouteAddress, RouteAttribute, RouteScope},
@@ -66,15 +65,9 @@ impl Netlink {
         source: Ipv4Addr,
         dsts: &[Ipv4Net],
     ) -> Result<(), NetlinkError> {
-        let routes: Vec<_> = self
-            .handle()
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(Op::ListRoutes.failed())?;
-        for route in routes
+        for route in self
+            .ipv4_routes()
+            .await?
             .into_iter()
             .filter(|r| r.attributes.contains(&RouteAttribute::Oif(ifindex)))
         {

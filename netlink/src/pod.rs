@@ -291,15 +291,7 @@ pub async fn check(
         }
         .into());
     }
-    let routes: Vec<_> = pod
-        .handle()
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute()
-        .try_collect()
-        .await
-        .map_err(Op::ListRoutes.failed())?;
-    let default_ok = routes.iter().any(|r| {
+    let default_ok = pod.ipv4_routes().await?.iter().any(|r| {
         r.header.destination_prefix_length == 0
             && r.attributes
                 .contains(&RouteAttribute::Gateway(RouteAddress::Inet(GATEWAY)))

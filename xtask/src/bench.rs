@@ -29,7 +29,7 @@ use crate::{
     toolchain::{self, Needs},
 };
 
-const POD_MTU: &str = "1450";
+const POD_MTU: u32 = 1450;
 
 /// Two pods' namespaces and the server's address.
 struct Pair<'a> {
@@ -153,7 +153,7 @@ fn baseline_node(underlay: &Underlay, i: u8) -> Result<NetNs> {
     let peer = 3 - i;
     ns.ip(&["link", "add", "cbr0", "type", "bridge"])?;
     ns.ip(&["addr", "add", &format!("10.250.{i}.1/24"), "dev", "cbr0"])?;
-    ns.ip(&["link", "set", "cbr0", "mtu", POD_MTU, "up"])?;
+    ns.ip(&["link", "set", "cbr0", "mtu", &POD_MTU.to_string(), "up"])?;
     ns.ip(&[
         "link",
         "add",
@@ -188,22 +188,9 @@ fn bridge_pod(node: &NetNs, subnet: u8, host: u8) -> Result<(NetNs, Ipv4Addr)> {
     let pod = NetNs::new("pod")?;
     let port = format!("veth{host}");
     let addr = Ipv4Addr::new(10, 250, subnet, host);
-    node.ip(&[
-        "link",
-        "add",
-        &port,
-        "mtu",
-        POD_MTU,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ])?;
+    node.add_veth(&port, &pod, "eth0", Some(POD_MTU))?;
     node.ip(&["link", "set", &port, "master", "cbr0", "up"])?;
-    pod.ip(&["link", "set", "eth0", "mtu", POD_MTU, "up"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
     pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
     pod.ip(&[
         "route",
