@@ -3,7 +3,8 @@
 //! an underlay bridge ([`nodes`]); each node runs the real `podwire-agent` ([`processes`]); pods
 //! are wired by exec'ing the real CNI plugin as a container runtime does ([`cni`]); traffic
 //! between them is real ([`traffic`]), and so are the frames crafted for the programs
-//! ([`packets`]). What `cargo xtask` built is found through [`artifacts`].
+//! ([`packets`]). What `cargo xtask` built is found through [`artifacts`]. [`vm`] is what
+//! `podwire-verify` reports from the VM `cargo xtask vm-verify` boots.
 //!
 //! Everything made here is removed when its guard drops, also when a test fails; leftovers of a
 //! process that was killed are swept by the next one. Needs root.
