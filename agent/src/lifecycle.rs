@@ -10,6 +10,7 @@ use podwire_core::{
     endpoint::{Attachment, EndpointRecord, VethPair},
     error_chain,
     mac::Mac,
+    object::programs,
     pins::Pins,
 };
 use podwire_datapath::{tcx_supported, AttachError, Datapath, Hook, MapError};
@@ -47,9 +48,10 @@ pub enum LifecycleError {
         got: Endpoint,
         want: Endpoint,
     },
-    /// `from_pod` is not attached to the endpoint's host-side veth.
-    #[error("from_pod is not attached to {veth} (no link at {})", .pin.display())]
+    /// A program is not attached to the endpoint's host-side veth.
+    #[error("{program} is not attached to {veth} (no link at {})", .pin.display())]
     NotAttached {
+        program: &'static str,
         veth: String,
         pin: std::path::PathBuf,
     },
@@ -105,9 +107,15 @@ impl Agent {
         overlay: Option<Overlay>,
     ) -> Result<Agent, LifecycleError> {
         let netlink = Netlink::connect()?;
-        if overlay.is_some() {
+        if let Some(overlay) = &overlay {
             for hook in Hook::overlay(VXLAN_DEV) {
                 datapath.attach_pinned(hook, &hook.pin(&pins))?;
+            }
+            let underlay = &overlay.underlay;
+            let pin = pins.link(programs::FROM_NETDEV, underlay);
+            match datapath.attach_from_netdev(underlay, &pin)? {
+                Some(mode) => info!(%underlay, ?mode, "from_netdev attached (XDP)"),
+                None => info!(%underlay, "from_netdev replaced in its pinned XDP link"),
             }
         }
         let known: HashSet<Ipv4Addr> = ipam.records().map(|e| e.ip).collect();
@@ -214,12 +222,15 @@ impl Agent {
             }
             Some(_) => {}
         }
-        let pin = Hook::from_pod(&veth.host_ifname).pin(&self.pins);
-        if tcx_supported() && !pin.exists() {
-            return Err(LifecycleError::NotAttached {
-                veth: veth.host_ifname.clone(),
-                pin,
-            });
+        for hook in Hook::pod(&veth.host_ifname) {
+            let pin = hook.pin(&self.pins);
+            if tcx_supported() && !pin.exists() {
+                return Err(LifecycleError::NotAttached {
+                    program: hook.program,
+                    veth: veth.host_ifname.clone(),
+                    pin,
+                });
+            }
         }
         Ok(record)
     }
@@ -243,18 +254,22 @@ impl Agent {
         Ok(stale)
     }
 
-    /// Writes the endpoint map entry of `ip` and attaches `from_pod` to the host side of `veth`.
+    /// Writes the endpoint map entry of `ip` and attaches `from_pod` and `to_pod` to the host
+    /// side of `veth`.
     fn attach_endpoint(&mut self, ip: Ipv4Addr, veth: &VethPair) -> Result<(), LifecycleError> {
         self.datapath.endpoints.set(ip, endpoint_of(ip, veth)?)?;
-        let hook = Hook::from_pod(&veth.host_ifname);
-        self.datapath.attach_pinned(hook, &hook.pin(&self.pins))?;
+        for hook in Hook::pod(&veth.host_ifname) {
+            self.datapath.attach_pinned(hook, &hook.pin(&self.pins))?;
+        }
         Ok(())
     }
 
-    /// Removes the map entry of `ip` and the pinned attachment on `host_ifname`.
+    /// Removes the map entry of `ip` and the pinned attachments on `host_ifname`.
     fn detach_endpoint(&mut self, ip: Ipv4Addr, host_ifname: &str) -> Result<(), LifecycleError> {
         self.datapath.endpoints.remove(ip)?;
-        Datapath::detach_pinned(&Hook::from_pod(host_ifname).pin(&self.pins))?;
+        for hook in Hook::pod(host_ifname) {
+            Datapath::detach_pinned(&hook.pin(&self.pins))?;
+        }
         Ok(())
     }
 }

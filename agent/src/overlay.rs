@@ -72,6 +72,8 @@ impl Overlay {
         Tunnel {
             vxlan_ifindex: self.vxlan_ifindex,
             vni: self.config.vni,
+            port: self.config.port,
+            node_address: self.config.address,
         }
     }
 }

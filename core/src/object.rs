@@ -6,12 +6,16 @@
 pub mod programs {
     /// tc ingress of a pod's host-side veth: everything the pod sends.
     pub const FROM_POD: &str = "from_pod";
+    /// tc egress of a pod's host-side veth: what the node's stack sends into the pod.
+    pub const TO_POD: &str = "to_pod";
     /// tc ingress of the VXLAN device: what other nodes tunnelled here.
     pub const FROM_OVERLAY: &str = "from_overlay";
     /// tc egress of the VXLAN device: what goes into the tunnel.
     pub const TO_OVERLAY: &str = "to_overlay";
-    /// Every program a node attaches, in load order.
-    pub const ALL: [&str; 3] = [FROM_POD, FROM_OVERLAY, TO_OVERLAY];
+    /// XDP on the underlay interface: everything that arrives from the network.
+    pub const FROM_NETDEV: &str = "from_netdev";
+    /// Every program a node attaches, in load order; all tc classifiers but [`FROM_NETDEV`].
+    pub const ALL: [&str; 5] = [FROM_POD, TO_POD, FROM_OVERLAY, TO_OVERLAY, FROM_NETDEV];
     /// `from_overlay` as BPF_PROG_TEST_RUN can run it: the same code, but the sending node's
     /// address comes from `__sk_buff.cb[0]` (in network byte order), as a test run cannot give a
     /// packet tunnel metadata. Never attached.
@@ -33,6 +37,8 @@ pub mod maps {
     pub const NODES: &str = "NODES_V1";
     /// Ring of dropped packets (read by `podwire events`, not by the agent).
     pub const EVENTS: &str = "EVENTS_V1";
+    /// Flows the node's stack delivered, keyed as their replies look (LRU hash).
+    pub const STACK_FLOWS: &str = "STACK_FLOWS_V1";
     /// The maps pinned in bpffs.
-    pub const PINNED: [&str; 4] = [COUNTERS, ENDPOINTS, NODES, EVENTS];
+    pub const PINNED: [&str; 5] = [COUNTERS, ENDPOINTS, NODES, EVENTS, STACK_FLOWS];
 }

@@ -1,6 +1,6 @@
-//! Attaching the loaded programs to tc hooks: for as long as the [`Datapath`] lives (a developer's
+//! Attaching the loaded programs: tc hooks for as long as the [`Datapath`] lives (a developer's
 //! interface), or for good through a link pinned in bpffs (pods and the overlay device), which a
-//! restarted agent swaps its own program into.
+//! restarted agent swaps its own program into; and XDP on the underlay interface, pinned alike.
 
 use std::{io, path::Path};
 
@@ -8,6 +8,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLink},
+        xdp::{XdpLink, XdpMode},
         TcAttachType,
     },
     util::KernelVersion,
@@ -35,6 +36,13 @@ pub enum AttachError {
         program: &'static str,
         iface: String,
         direction: TcAttachType,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// The kernel refused `from_netdev` on the underlay interface, native and generic.
+    #[error("program from_netdev: attaching XDP to {iface}")]
+    Xdp {
+        iface: String,
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
@@ -71,6 +79,20 @@ impl<'a> Hook<'a> {
             iface,
             direction: TcAttachType::Ingress,
         }
+    }
+
+    /// `to_pod` at egress of a pod's host-side veth.
+    pub fn to_pod(iface: &'a str) -> Hook<'a> {
+        Hook {
+            program: programs::TO_POD,
+            iface,
+            direction: TcAttachType::Egress,
+        }
+    }
+
+    /// Both hooks of a pod's host-side veth: `from_pod` and `to_pod`.
+    pub fn pod(iface: &'a str) -> [Hook<'a>; 2] {
+        [Self::from_pod(iface), Self::to_pod(iface)]
     }
 
     /// `from_overlay` at ingress and `to_overlay` at egress of the VXLAN device.
@@ -159,6 +181,53 @@ impl Datapath {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Attaches `from_netdev` to `iface` for good, its link pinned at `pin`: in the driver where it
+    /// runs XDP (native), else in the stack (generic). A link already pinned there gets this
+    /// program atomically instead of its old one (agent upgrade). Returns the mode it runs in,
+    /// `None` when it replaced a pinned link's program.
+    pub fn attach_from_netdev(
+        &mut self,
+        iface: &str,
+        pin: &Path,
+    ) -> Result<Option<XdpMode>, AttachError> {
+        let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Pin {
+            path: pin.display().to_string(),
+            source,
+        };
+        let program = self
+            .from_netdev()
+            .map_err(|_| AttachError::NoProgram(programs::FROM_NETDEV))?;
+        if let Ok(pinned) = PinnedLink::from_pin(pin) {
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.into()))?;
+            let id = program
+                .attach_to_link(link)
+                .map_err(|source| AttachError::Replace {
+                    program: programs::FROM_NETDEV,
+                    path: pin.display().to_string(),
+                    source: source.into(),
+                })?;
+            // Closing our descriptor leaves the pinned link attached.
+            drop(program.take_link(id));
+            return Ok(None);
+        }
+        let attach_err = |source: aya::programs::ProgramError| AttachError::Xdp {
+            iface: iface.into(),
+            source: source.into(),
+        };
+        let (id, mode) = match program.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, XdpMode::Driver),
+            // The driver has no XDP of its own (or refuses this program): the stack runs it.
+            Err(_) => (
+                program.attach(iface, XdpMode::Skb).map_err(attach_err)?,
+                XdpMode::Skb,
+            ),
+        };
+        let link = program.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
+        fd_link.pin(pin).map_err(|e| pin_err(e.into()))?;
+        Ok(Some(mode))
     }
 
     fn attach_link(&mut self, hook: Hook<'_>) -> Result<SchedClassifierLink, AttachError> {

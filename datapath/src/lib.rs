@@ -10,5 +10,6 @@ pub mod load;
 pub mod maps;
 
 pub use attach::{tcx_supported, AttachError, Hook};
+pub use aya::programs::xdp::XdpMode;
 pub use load::{Datapath, LoadError, LoadOptions, LogLevel, Logger, Tunnel};
 pub use maps::{Counters, DatapathMap, DropEvents, Endpoints, MapError, NodeTable};

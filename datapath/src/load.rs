@@ -1,7 +1,12 @@
 //! Loading the eBPF object: its load-time configuration, its programs through the verifier, its
 //! maps pinned (or reused) in bpffs, and the reader of its log records.
 
-use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
+use std::net::Ipv4Addr;
+
+use aya::{
+    programs::{Program, SchedClassifier, Xdp},
+    Ebpf, EbpfLoader,
+};
 use aya_log::EbpfLogger;
 use podwire_core::{
     object::{maps, programs},
@@ -25,7 +30,7 @@ pub enum LoadError {
     #[error("loading the eBPF object")]
     Object(#[source] Box<aya::EbpfError>),
     /// The object lacks a program this build expects: binary and object are out of step.
-    #[error("the eBPF object has no tc program named {0}")]
+    #[error("the eBPF object has no program named {0} of the type this build expects")]
     NoProgram(&'static str),
     /// The verifier rejected a program; the source holds the verifier log.
     #[error("program {program}: loading (verifier)")]
@@ -80,13 +85,17 @@ impl LogLevel {
     }
 }
 
-/// The VXLAN tunnel the programs send remote traffic into, fixed at load time.
+/// The VXLAN tunnel the programs send remote traffic into and accept from, fixed at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tunnel {
     /// ifindex of the collect_md VXLAN device.
     pub vxlan_ifindex: u32,
     /// VXLAN network identifier.
     pub vni: u32,
+    /// UDP port of the tunnel.
+    pub port: u16,
+    /// This node's underlay address, the tunnel's end here.
+    pub node_address: Ipv4Addr,
 }
 
 /// How to load the object.
@@ -140,12 +149,19 @@ impl Datapath {
         let tunnel = options.tunnel.unwrap_or(Tunnel {
             vxlan_ifindex: 0,
             vni: 1,
+            port: 4789,
+            node_address: Ipv4Addr::UNSPECIFIED,
         });
+        // As packets carry them.
+        let port = tunnel.port.to_be();
+        let node_address = tunnel.node_address.octets();
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &level, true)
             .override_global("VXLAN_IFINDEX", &tunnel.vxlan_ifindex, true)
-            .override_global("VNI", &tunnel.vni, true);
+            .override_global("VNI", &tunnel.vni, true)
+            .override_global("VXLAN_PORT", &port, true)
+            .override_global("NODE_ADDR", &node_address, true);
         if let Some(pins) = options.pins {
             crate::bpffs::prepare(pins)?;
             for name in maps::PINNED {
@@ -164,13 +180,15 @@ impl Datapath {
             .into_iter()
             .chain(test_run.into_iter().flatten())
         {
-            classifier(&mut ebpf, name)
-                .ok_or(LoadError::NoProgram(name))?
-                .load()
-                .map_err(|source| LoadError::Verifier {
-                    program: name,
-                    source: source.into(),
-                })?;
+            let loaded = match ebpf.program_mut(name) {
+                Some(Program::SchedClassifier(p)) => p.load(),
+                Some(Program::Xdp(p)) => p.load(),
+                _ => return Err(LoadError::NoProgram(name)),
+            };
+            loaded.map_err(|source| LoadError::Verifier {
+                program: name,
+                source: source.into(),
+            })?;
         }
         Ok(Datapath {
             endpoints: Endpoints::take(&mut ebpf)?,
@@ -187,13 +205,20 @@ impl Datapath {
         self.logger.take()
     }
 
-    /// The program named `name` (one of [`programs::ALL`], or of [`programs::TEST_RUN`] when
-    /// loaded for test runs), to attach or to test-run.
+    /// The tc program named `name` (one of [`programs::ALL`], or of [`programs::TEST_RUN`]
+    /// when loaded for test runs), to attach or to test-run.
     pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoadError> {
-        classifier(&mut self.ebpf, name).ok_or(LoadError::NoProgram(name))
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::NoProgram(name))
     }
-}
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Option<&'a mut SchedClassifier> {
-    ebpf.program_mut(name).and_then(|p| p.try_into().ok())
+    /// The XDP program [`programs::FROM_NETDEV`], to attach or to test-run.
+    pub fn from_netdev(&mut self) -> Result<&mut Xdp, LoadError> {
+        self.ebpf
+            .program_mut(programs::FROM_NETDEV)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::NoProgram(programs::FROM_NETDEV))
+    }
 }

@@ -31,6 +31,13 @@ pub enum NetlinkError {
     /// A link has no MAC address.
     #[error("link {0} has no MAC address")]
     NoMac(String),
+    /// A sysctl could not be written.
+    #[error("writing {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     /// No interface of the namespace holds the address.
     #[error("no interface in this network namespace holds {0}")]
     NoAddress(Ipv4Addr),

@@ -14,6 +14,7 @@ use std::{
 
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
+use nix::sched::{setns, CloneFlags};
 use podwire_core::{endpoint::VethPair, mac::Mac};
 use rtnetlink::{
     packet_route::{
@@ -37,6 +38,8 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub struct PodNetns {
     netlink: Netlink,
     ns: File,
+    /// As the runtime named it, for errors.
+    path: String,
 }
 
 impl PodNetns {
@@ -49,7 +52,41 @@ impl PodNetns {
         Ok(PodNetns {
             netlink: Netlink::connect_in(&ns, path)?,
             ns,
+            path: path.to_owned(),
         })
+    }
+}
+
+impl PodNetns {
+    /// Runs `f` on a thread inside the pod's namespace (for its /proc/sys/net, which belongs to
+    /// the namespace of whoever opens it).
+    fn enter<R: Send>(
+        &self,
+        f: impl FnOnce() -> Result<R, NetlinkError> + Send,
+    ) -> Result<R, NetlinkError> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(&self.ns, CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError::Netns {
+                    path: self.path.clone(),
+                    source: e.into(),
+                })?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+/// Turns IPv6 off on the link `ifname` of the calling thread's namespace; nothing to do where
+/// the kernel has no IPv6.
+fn disable_ipv6(ifname: &str) -> Result<(), NetlinkError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(NetlinkError::Sysctl { path, source: e })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -96,6 +133,9 @@ pub async fn create(
 
     let host_link = host.existing_link(host_ifname).await?;
     let host_mac = host_link.mac()?;
+    // Pods are IPv4 only: with IPv6 off on both ends before they come up, the node never accepts
+    // a router advertisement or autoconfigures from a pod, and a pod never sends IPv6.
+    disable_ipv6(host_ifname)?;
     set_up(host, host_link.index, host_ifname).await?;
     add_route(host, Ipv4Net::from(ip), host_link.index, host_ifname).await?;
 
@@ -116,6 +156,7 @@ pub async fn create(
             }
             .failed(),
         )?;
+    pod.enter(|| disable_ipv6(ifname))?;
     set_up(pod_nl, index, ifname).await?;
     pod_nl
         .handle()

@@ -35,7 +35,21 @@ fn attach_log_and_detach_on(signal: Signal) -> Result<()> {
     );
 
     // No pod is registered in developer mode, so from_pod drops the veth's traffic as spoofed:
-    // its own log records, streamed through aya-log, say so for each packet.
+    // its own log records, streamed through aya-log, say so for each packet. ARP from an
+    // unregistered pod is dropped too, so the pod is given the node's MAC to send IPv4 at all.
+    let (_, node_mac) = net.node.link(NodeAndPod::HOST_IF)?;
+    let node_mac = podwire_core::mac::Mac(node_mac).to_string();
+    net.pod.ip(&[
+        "neigh",
+        "add",
+        &NodeAndPod::NODE_IP.to_string(),
+        "lladdr",
+        &node_mac,
+        "dev",
+        NodeAndPod::POD_IF,
+        "nud",
+        "permanent",
+    ])?;
     let sender = net.pod.run(|| UdpSocket::bind((NodeAndPod::POD_IP, 0)))??;
     for _ in 0..3 {
         sender.send_to(b"ping", (NodeAndPod::NODE_IP, 9))?;

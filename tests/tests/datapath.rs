@@ -25,6 +25,7 @@ fn every_program_in_the_object_passes_the_verifier() -> Result<()> {
     for (name, program) in ebpf.programs_mut() {
         let result = match program {
             Program::SchedClassifier(p) => p.load(),
+            Program::Xdp(p) => p.load(),
             other => bail!(
                 "{name}: program type {:?} has no load case here",
                 other.prog_type()

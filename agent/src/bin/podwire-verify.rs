@@ -84,6 +84,8 @@ fn verify(report: &mut VerifyReport) -> Result<()> {
             tunnel: Some(Tunnel {
                 vxlan_ifindex: 1,
                 vni: 1,
+                port: 4789,
+                node_address: Ipv4Addr::new(192, 168, 77, 1),
             }),
             test_run: false,
         },
@@ -142,11 +144,15 @@ fn deliver(kernel: &str) -> Result<Delivery> {
             .endpoints
             .set(pod.ip, pod.endpoint)
             .with_context(|| format!("writing the endpoint of {}", pod.ip))?;
-        // Without TCX (checked above) nothing is pinned: the path is never created.
-        let pin = Path::new("/sys/fs/bpf/podwire-verify").join(pod.host_if);
-        datapath
-            .attach_pinned(Hook::from_pod(pod.host_if), &pin)
-            .with_context(|| format!("attaching from_pod to {}", pod.host_if))?;
+        // Both of a pod's hooks, as the agent attaches them (to_pod at egress sees nothing here:
+        // from_pod delivers past the stack). Without TCX (checked above) nothing is pinned: the
+        // path is never created.
+        for hook in Hook::pod(pod.host_if) {
+            let pin = Path::new("/sys/fs/bpf/podwire-verify").join(hook.program);
+            datapath
+                .attach_pinned(hook, &pin)
+                .with_context(|| format!("attaching {} to {}", hook.program, pod.host_if))?;
+        }
     }
 
     let socket = |pod: &Pod| {

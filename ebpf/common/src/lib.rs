@@ -38,7 +38,8 @@ macro_rules! reasons {
 reasons! {
     /// IPv4 from a pod to a destination that is not a local pod, handed to the host stack.
     PassToStack = 0, "pass-to-stack", Pass;
-    /// Not IPv4 (ARP, IPv6, ...): handed to the host stack untouched.
+    /// Not IPv4, and allowed: a pod's ARP for its own address, or what the node's stack routes
+    /// to the VXLAN device that the device will discard.
     PassNotIpv4 = 1, "pass-not-ipv4", Pass;
     /// Too short for its Ethernet or IPv4 header, or an IPv4 header length below 20 bytes.
     DropMalformed = 2, "drop-malformed", Drop;
@@ -64,6 +65,38 @@ reasons! {
     EncapHost = 12, "encap-host", Pass;
     /// The kernel refused the tunnel key or the redirect into the tunnel.
     DropEncapFailed = 13, "drop-encap-failed", Drop;
+    /// Carries an 802.1Q or 802.1ad tag (in the frame, or already taken off by the kernel): pods
+    /// send untagged frames only.
+    DropVlan = 14, "drop-vlan", Drop;
+    /// IPv6 from a pod: podwire does not carry it yet, and a router advertisement must not
+    /// reach the node.
+    DropIpv6 = 15, "drop-ipv6", Drop;
+    /// ARP that is not the pod's own: another sender address or MAC, or not Ethernet/IPv4 ARP.
+    DropSpoofedArp = 16, "drop-spoofed-arp", Drop;
+    /// Neither IPv4 nor ARP (nor IPv6 or VLAN, counted apart): nothing a pod needs to send.
+    DropEtherType = 17, "drop-ethertype", Drop;
+    /// A tunnel packet with another VNI than the cluster's.
+    DropOverlayVni = 18, "drop-overlay-vni", Drop;
+    /// Arrived through the tunnel for an address that is neither a pod on this node nor this
+    /// node: podwire does not relay.
+    DropOverlayRelay = 19, "drop-overlay-relay", Drop;
+    /// A reply in a flow the node's stack delivered (a Service kube-proxy NATed, say): handed to
+    /// the stack, whose conntrack reverses the NAT.
+    PassStackFlow = 20, "pass-stack-flow", Pass;
+    /// An IPv4 fragment for a pod: handed to the stack, which reassembles it (a NATed flow's
+    /// later fragments carry no ports to look its flow up by).
+    PassFragment = 21, "pass-fragment", Pass;
+    /// Sent into a pod by the node's stack (`to_pod`); a flow from another pod here is recorded
+    /// so its replies go back through the stack.
+    PassToPod = 22, "pass-to-pod", Pass;
+    /// A tunnel packet on the underlay from an address that is no node of the cluster, dropped
+    /// before the VXLAN device's socket sees it (`from_netdev`).
+    DropTunnelNotNode = 23, "drop-tunnel-not-node", Drop;
+    /// A tunnel packet from a node with the cluster's VNI, on to the VXLAN device
+    /// (`from_netdev`).
+    PassTunnel = 24, "pass-tunnel", Pass;
+    /// Underlay traffic that is not podwire's tunnel, let through untouched (`from_netdev`).
+    PassUnderlay = 25, "pass-underlay", Pass;
 }
 
 impl Reason {
@@ -232,6 +265,29 @@ pub struct DropEvent {
 // SAFETY: plain-old-data, 24 bytes with explicit padding.
 unsafe impl aya::Pod for DropEvent {}
 
+/// Key of `STACK_FLOWS_V1`: a flow as its replies look (source the pod that answers), so a
+/// reply is looked up as it is. Addresses and ports in network byte order; ports zero for
+/// protocols without them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain-old-data, 16 bytes with explicit padding.
+unsafe impl aya::Pod for FlowKey {}
+
+/// Most entries of `STACK_FLOWS_V1`, least recently used evicted first. A node's stack
+/// delivering more concurrent flows between its own pods (Services, mostly) than this loses the
+/// oldest records, and their replies then take the shortcut.
+pub const MAX_STACK_FLOWS: u32 = 131_072;
+
 /// Most endpoints one node holds (Kubernetes' default is 110 pods per node).
 pub const MAX_ENDPOINTS: u32 = 4096;
 
@@ -254,6 +310,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
         assert_eq!(core::mem::size_of::<NodeEntry>(), 8);
         assert_eq!(core::mem::size_of::<DropEvent>(), 24);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 16);
     }
 
     #[test]

@@ -4,10 +4,10 @@
 use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
-    programs::TcContext,
 };
-use network_types::eth::EthHdr;
 use podwire_common::{Counter, DropEvent, Reason};
+
+use crate::{frame::Frame, parse::eth_ipv4};
 
 /// Packets and bytes per verdict reason (index: `Reason as u32`), per CPU.
 #[map]
@@ -18,9 +18,10 @@ static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::SL
 #[map]
 static EVENTS_V1: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Counts the packet under `reason` and returns `action` for the program to return.
+/// Counts the packet under `reason` and returns `action` (tc's or XDP's) for the program to
+/// return.
 #[inline(always)]
-pub fn verdict(ctx: &TcContext, reason: Reason, action: i32) -> i32 {
+pub fn verdict<C: Frame, A>(ctx: &C, reason: Reason, action: A) -> A {
     if let Some(counter) = COUNTERS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
@@ -35,23 +36,17 @@ pub fn verdict(ctx: &TcContext, reason: Reason, action: i32) -> i32 {
 }
 
 #[inline(never)]
-fn report_drop(ctx: &TcContext, reason: Reason) {
-    // The headers are read again here, off the forwarding path; a packet too short for them
-    // reports zeros.
-    const IP: usize = EthHdr::LEN;
+fn report_drop<C: Frame>(ctx: &C, reason: Reason) {
+    // The headers are read again here, off the forwarding path; a packet that is no IPv4 (or too
+    // short for it) reports zero addresses.
     let mut event = DropEvent {
         reason: reason as u32,
-        // SAFETY: the kernel hands the program a valid __sk_buff.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex: ctx.ifindex(),
         len: ctx.len(),
         ..DropEvent::default()
     };
-    if let (Ok(proto), Ok(src), Ok(dst)) = (
-        ctx.load::<u8>(IP + 9),
-        ctx.load::<[u8; 4]>(IP + 12),
-        ctx.load::<[u8; 4]>(IP + 16),
-    ) {
-        (event.proto, event.src, event.dst) = (proto, src, dst);
+    if let Ok(Some((_, ip))) = eth_ipv4(ctx) {
+        (event.proto, event.src, event.dst) = (ip.proto, ip.src_addr, ip.dst_addr);
     }
     let _ = EVENTS_V1.output::<DropEvent>(&event, 0);
 }

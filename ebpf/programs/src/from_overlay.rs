@@ -1,10 +1,11 @@
 //! `from_overlay`: tc ingress of the agent's VXLAN device. Sees every packet other nodes tunnelled
 //! to this one, already decapsulated, with the tunnel's remote address in its metadata.
 //!
-//! The inner source must be owned by the node that sent it (one of its pods, or the node itself):
-//! anti-spoofing across nodes. A packet for a pod here is delivered straight into it; one for
-//! this node's pod CIDR that no pod holds is dropped; anything else (the node's own addresses) goes
-//! up the host stack.
+//! The tunnel must be the cluster's (its VNI), and the inner source owned by the node that sent
+//! it (one of its pods, or the node itself): anti-spoofing across nodes. A packet for a pod here
+//! is delivered straight into it, unless it answers a flow this node's stack delivered (a Service
+//! it NATed), which goes up the stack for conntrack to reverse; a packet for this node's address
+//! goes up the stack; anything else is dropped: a node relays for nobody.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::debug;
@@ -13,7 +14,8 @@ use podwire_common::{NodeKind, Reason};
 use crate::{
     counters::verdict,
     deliver,
-    maps::{endpoint_of, node_of},
+    flows::{self, Path},
+    maps::{endpoint_of, node_of, NODE_ADDR, VNI},
     parse::eth_ipv4,
     tunnel::{FromControlBlock, FromMetadata, Remote},
     Outcome, DROP_MALFORMED, TC_OK, TC_SHOT,
@@ -45,7 +47,11 @@ fn run<R: Remote>(ctx: &TcContext) -> i32 {
 
 fn try_from_overlay<R: Remote>(ctx: &TcContext) -> Result<Outcome, Outcome> {
     const SPOOFED: Outcome = (Reason::DropOverlaySpoofed, TC_SHOT);
-    let remote = R::remote(ctx).ok_or(SPOOFED)?;
+    let tunnelled = R::tunnelled(ctx).ok_or(SPOOFED)?;
+    if tunnelled.vni != VNI.load() {
+        return Err((Reason::DropOverlayVni, TC_SHOT));
+    }
+    let remote = tunnelled.remote;
     // Only IPv4 is tunnelled: anything else claims to be what no node sends.
     let (_, ip) = eth_ipv4(ctx)?.ok_or(SPOOFED)?;
     match node_of(ip.src_addr) {
@@ -61,19 +67,35 @@ fn try_from_overlay<R: Remote>(ctx: &TcContext) -> Result<Outcome, Outcome> {
         }
     }
     if let Some(dest) = endpoint_of(&ip.dst_addr) {
-        debug!(
-            ctx,
-            "from_overlay: {:i} -> {:i}: local pod",
-            ip.src_addr(),
-            ip.dst_addr()
-        );
-        return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay);
+        let reason = match flows::path(ctx, ip) {
+            Path::Shortcut => {
+                debug!(
+                    ctx,
+                    "from_overlay: {:i} -> {:i}: local pod",
+                    ip.src_addr(),
+                    ip.dst_addr()
+                );
+                return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay);
+            }
+            Path::StackFlow => Reason::PassStackFlow,
+            Path::Fragment => Reason::PassFragment,
+        };
+        return to_stack(ctx, reason);
+    }
+    if ip.dst_addr == NODE_ADDR.load() {
+        return to_stack(ctx, Reason::PassToStack);
     }
     if node_of(ip.dst_addr).is_some_and(|n| matches!(n.kind(), Some(NodeKind::Local))) {
         return Err((Reason::DropNoEndpoint, TC_SHOT));
     }
+    Err((Reason::DropOverlayRelay, TC_SHOT))
+}
+
+/// Hands the packet up this node's stack, counted under `reason`.
+#[inline(always)]
+fn to_stack(ctx: &TcContext, reason: Reason) -> Result<Outcome, Outcome> {
     // The inner frame carries the sending node's MACs; the device is NOARP, so nothing here
     // matches them and the stack would take the packet for another host.
     ctx.change_type(PACKET_HOST).map_err(|_| DROP_MALFORMED)?;
-    Ok((Reason::PassToStack, TC_OK))
+    Ok((reason, TC_OK))
 }

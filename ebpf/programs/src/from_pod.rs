@@ -1,22 +1,35 @@
-//! `from_pod`: tc ingress of a pod's host-side veth. Sees every packet the pod sends.
+//! `from_pod`: tc ingress of a pod's host-side veth. Sees every frame the pod sends.
 //!
-//! A packet must come from the pod's own IPv4 and MAC address (anti-spoofing). A packet for
-//! another pod on this node is delivered straight into it; one for a pod (or the underlay address)
-//! of another node goes into the VXLAN tunnel toward that node; one for the cluster's pod range
-//! that no node owns is dropped. Anything else goes up the host stack (masqueraded there when
-//! it leaves the node).
+//! Only what a pod may send leaves it: untagged IPv4 from its own address and MAC, and ARP for
+//! its own address. Tagged frames (any VLAN), IPv6 (not carried yet, and a router advertisement
+//! must not reach the node) and every other ethertype are dropped and counted.
+//!
+//! A packet for another pod on this node is delivered straight into it, unless it answers a flow
+//! the node's stack delivered (a Service kube-proxy NATed), which goes up the stack for its
+//! conntrack to reverse. One for a pod (or the underlay address) of another node goes into the
+//! VXLAN tunnel toward that node; one for the cluster's pod range that no node owns is dropped.
+//! Anything else goes up the host stack (masqueraded there when it leaves the node).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::debug;
+use network_types::{
+    arp::ArpHdr,
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
 use podwire_common::{NodeKind, Reason};
 
 use crate::{
     counters::verdict,
     deliver,
+    flows::{self, Path},
+    frame::Frame,
     maps::{endpoint_of, node_of},
-    parse::eth_ipv4,
-    tunnel, Outcome, TC_OK, TC_SHOT,
+    parse::{header, ipv4},
+    tunnel, Outcome, DROP_MALFORMED, TC_OK, TC_SHOT,
 };
+
+const DROP_VLAN: Outcome = (Reason::DropVlan, TC_SHOT);
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -28,12 +41,58 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 }
 
 fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
-    let Some((eth, ip)) = eth_ipv4(ctx)? else {
-        return Ok((Reason::PassNotIpv4, TC_OK));
-    };
-
+    // The kernel takes the outer tag off a received frame before tc sees it (into the skb's
+    // metadata); inner tags stay in the frame.
     // SAFETY: the kernel hands the program a valid __sk_buff.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Err(DROP_VLAN);
+    }
+    let eth: &EthHdr = header(ctx, 0).ok_or(DROP_MALFORMED)?;
+    match eth.ether_type {
+        t if t == EtherType::Ipv4 as u16 => from_pod_ipv4(ctx, eth, ipv4(ctx)?),
+        t if t == EtherType::Arp as u16 => own_arp(ctx, eth),
+        t if t == EtherType::Ipv6 as u16 => Err((Reason::DropIpv6, TC_SHOT)),
+        t if t == EtherType::Ieee8021q as u16
+            || t == EtherType::Ieee8021ad as u16
+            || t == EtherType::Ieee8021QinQ1 as u16
+            || t == EtherType::Ieee8021QinQ2 as u16
+            || t == EtherType::Ieee8021QinQ3 as u16 =>
+        {
+            Err(DROP_VLAN)
+        }
+        _ => Err((Reason::DropEtherType, TC_SHOT)),
+    }
+}
+
+/// Lets ARP through when it is Ethernet/IPv4 ARP whose sender is the pod itself, in its address,
+/// its MAC and the frame's source MAC. (Pods never need to ARP for their gateway, whose entry is
+/// permanent; this is for their own announcements.)
+#[inline(always)]
+fn own_arp(ctx: &TcContext, eth: &EthHdr) -> Result<Outcome, Outcome> {
+    const SPOOFED: Outcome = (Reason::DropSpoofedArp, TC_SHOT);
+    let arp: &ArpHdr = header(ctx, EthHdr::LEN).ok_or(DROP_MALFORMED)?;
+    let ethernet_ipv4 = arp.htype == 1u16.to_be_bytes()
+        && arp.ptype == 0x0800u16.to_be_bytes()
+        && arp.hlen == 6
+        && arp.plen == 4;
+    if !ethernet_ipv4 {
+        return Err(SPOOFED);
+    }
+    match endpoint_of(&arp.spa) {
+        Some(ep)
+            if ep.ifindex == ctx.ifindex()
+                && ep.pod_mac == arp.sha
+                && ep.pod_mac == eth.src_addr =>
+        {
+            Ok((Reason::PassNotIpv4, TC_OK))
+        }
+        _ => Err(SPOOFED),
+    }
+}
+
+#[inline(always)]
+fn from_pod_ipv4(ctx: &TcContext, eth: &EthHdr, ip: &Ipv4Hdr) -> Result<Outcome, Outcome> {
+    let ingress = ctx.ifindex();
     match endpoint_of(&ip.src_addr) {
         Some(ep) if ep.ifindex == ingress => {
             if ep.pod_mac != eth.src_addr {
@@ -56,13 +115,19 @@ fn try_from_pod(ctx: &TcContext) -> Result<Outcome, Outcome> {
     }
 
     if let Some(dest) = endpoint_of(&ip.dst_addr) {
-        debug!(
-            ctx,
-            "from_pod: {:i} -> {:i}: local pod",
-            ip.src_addr(),
-            ip.dst_addr()
-        );
-        return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectLocal);
+        return match flows::path(ctx, ip) {
+            Path::Shortcut => {
+                debug!(
+                    ctx,
+                    "from_pod: {:i} -> {:i}: local pod",
+                    ip.src_addr(),
+                    ip.dst_addr()
+                );
+                deliver::to_endpoint(ctx, ip, dest, Reason::RedirectLocal)
+            }
+            Path::StackFlow => Ok((Reason::PassStackFlow, TC_OK)),
+            Path::Fragment => Ok((Reason::PassFragment, TC_OK)),
+        };
     }
     if let Some(node) = node_of(ip.dst_addr) {
         match node.kind() {

@@ -1,6 +1,7 @@
 //! podwire's kernel programs. One module per attach point, named from the endpoint's view:
-//! `from_pod` (host-side veth ingress), `from_overlay` and `to_overlay` (VXLAN device ingress and
-//! egress). Every verdict leaves through `counters::verdict`, counted by reason.
+//! `from_pod` and `to_pod` (host-side veth ingress and egress), `from_overlay` and `to_overlay`
+//! (VXLAN device ingress and egress), `from_netdev` (XDP on the underlay interface). Every
+//! verdict leaves through `counters::verdict`, counted by reason.
 // On the host (a plain `cargo check` or `cargo clippy` of the workspace) this is an ordinary
 // binary that does nothing, so the programs are type-checked and linted without the BPF target.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -8,17 +9,21 @@
 
 mod counters;
 mod deliver;
+mod flows;
+mod frame;
+mod from_netdev;
 mod from_overlay;
 mod from_pod;
 mod maps;
 mod parse;
 mod to_overlay;
+mod to_pod;
 mod tunnel;
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_SHOT};
 use podwire_common::Reason;
 
-/// Why, and the TC action.
+/// Why, and the tc action.
 type Outcome = (Reason, i32);
 
 /// The tc actions as the programs return them (the bindings' integer type differs between the

@@ -24,6 +24,16 @@ pub static VXLAN_IFINDEX: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static VNI: Global<u32> = Global::new(1);
 
+/// UDP port of the cluster's tunnel, in network byte order as packets carry it. Set at load
+/// time.
+#[unsafe(no_mangle)]
+pub static VXLAN_PORT: Global<u16> = Global::new(u16::to_be(4789));
+
+/// This node's underlay address, in network byte order: the one address of its own that other
+/// nodes tunnel to. Set at load time.
+#[unsafe(no_mangle)]
+pub static NODE_ADDR: Global<[u8; 4]> = Global::new([0; 4]);
+
 /// The pod on this node holding `addr` (network byte order), looked up with the key read in place
 /// from the packet.
 #[inline(always)]

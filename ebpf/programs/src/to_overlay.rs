@@ -1,13 +1,15 @@
 //! `to_overlay`: tc egress of the agent's VXLAN device. Sees what `from_pod` redirected into the
 //! tunnel (already carrying its tunnel key) and what the node's own stack routes to remote pod
 //! CIDRs over the device, which gets its tunnel key here: the collect_md device drops packets
-//! without one.
+//! without one. A flow from a pod here that the stack routed (a Service it NATed) is recorded,
+//! so `from_overlay` hands its replies to the stack (see `flows`).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use podwire_common::Reason;
 
 use crate::{
     counters::verdict,
+    flows,
     maps::node_of,
     parse::eth_ipv4,
     tunnel::{self, FromControlBlock, FromMetadata, Remote},
@@ -28,7 +30,7 @@ pub fn test_to_overlay(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn run<R: Remote>(ctx: &TcContext) -> i32 {
-    if R::remote(ctx).is_some() {
+    if R::tunnelled(ctx).is_some() {
         // Keyed (and counted) by from_pod.
         return TC_OK;
     }
@@ -47,9 +49,13 @@ fn try_to_overlay(ctx: &TcContext) -> Result<Outcome, Outcome> {
         return Ok((Reason::PassNotIpv4, TC_OK));
     };
     match node_of(ip.dst_addr) {
-        Some(node) if node.is_remote() => tunnel::set_key(ctx, &node)
-            .map(|()| (Reason::EncapHost, TC_OK))
-            .map_err(|_| (Reason::DropEncapFailed, TC_SHOT)),
+        Some(node) if node.is_remote() => {
+            tunnel::set_key(ctx, &node).map_err(|_| (Reason::DropEncapFailed, TC_SHOT))?;
+            // The stack routed it here: a pod's packet it NATed, say, whose replies must come
+            // back through it.
+            flows::record(ctx, ip);
+            Ok((Reason::EncapHost, TC_OK))
+        }
         _ => Err((Reason::DropNoNode, TC_SHOT)),
     }
 }

@@ -50,11 +50,18 @@ pub fn redirect_to(ctx: &TcContext, node: &NodeEntry) -> Result<i32, i64> {
     Ok(unsafe { bpf_redirect(VXLAN_IFINDEX.load(), 0) } as i32)
 }
 
-/// Where a program learns the underlay address (network byte order) a packet was tunnelled from,
-/// if it came through a tunnel. The programs are generic over it, so that the attached ones read
-/// the packet's tunnel metadata and carry no trace of the test source.
+/// Where a tunnelled packet came from: the sending node's underlay address (network byte order)
+/// and the VNI it used.
+pub struct Tunnelled {
+    pub remote: [u8; 4],
+    pub vni: u32,
+}
+
+/// Where a program learns how a packet was tunnelled, if it was. The programs are generic over
+/// it, so that the attached ones read the packet's tunnel metadata and carry no trace of the
+/// test source.
 pub trait Remote {
-    fn remote(ctx: &TcContext) -> Option<[u8; 4]>;
+    fn tunnelled(ctx: &TcContext) -> Option<Tunnelled>;
 }
 
 /// The packet's tunnel metadata, which the VXLAN device set when it decapsulated it.
@@ -62,27 +69,33 @@ pub struct FromMetadata;
 
 impl Remote for FromMetadata {
     #[inline(always)]
-    fn remote(ctx: &TcContext) -> Option<[u8; 4]> {
+    fn tunnelled(ctx: &TcContext) -> Option<Tunnelled> {
         // SAFETY: all-zero is a valid bpf_tunnel_key.
         let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
         // SAFETY: key is a live stack object of at least KEY_SIZE bytes.
         let ret = unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, KEY_SIZE, 0) };
-        // SAFETY: the helper filled the IPv4 member (flags 0).
-        (ret == 0).then(|| unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes())
+        (ret == 0).then(|| Tunnelled {
+            // SAFETY: the helper filled the IPv4 member (flags 0).
+            remote: unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes(),
+            vni: key.tunnel_id,
+        })
     }
 }
 
-/// `__sk_buff.cb[0]`, for the copies of the programs run by BPF_PROG_TEST_RUN, which cannot give
-/// a packet tunnel metadata but can set the control block. Zero means no tunnel.
+/// `__sk_buff.cb[0]` (the remote address as packets carry it; zero: not tunnelled) and `cb[1]`
+/// (the VNI), for the copies of the programs run by BPF_PROG_TEST_RUN, which cannot give a packet
+/// tunnel metadata but can set the control block.
 pub struct FromControlBlock;
 
 impl Remote for FromControlBlock {
     #[inline(always)]
-    fn remote(ctx: &TcContext) -> Option<[u8; 4]> {
+    fn tunnelled(ctx: &TcContext) -> Option<Tunnelled> {
         // SAFETY: the kernel hands the program a valid __sk_buff.
-        let cb = unsafe { (*ctx.skb.skb).cb[0] };
-        // The test stores the address as it stands in packets.
-        (cb != 0).then(|| cb.to_ne_bytes())
+        let cb = unsafe { (*ctx.skb.skb).cb };
+        (cb[0] != 0).then(|| Tunnelled {
+            remote: cb[0].to_ne_bytes(),
+            vni: cb[1],
+        })
     }
 }
 
