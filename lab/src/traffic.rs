@@ -1,4 +1,5 @@
-//! Real traffic between the lab's namespaces: ping, and TCP streams whose every byte is checked.
+//! Real traffic between the lab's namespaces: ping, TCP streams whose every byte is checked, UDP
+//! datagrams that must or must not arrive, and raw frames a hostile pod sends.
 
 use std::{
     io::{Read as _, Write as _},
@@ -8,6 +9,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
+use std::net::UdpSocket;
 
 use crate::namespaces::NetNs;
 
@@ -111,4 +113,65 @@ pub fn tcp_transfer(
         .context("receiving")?;
     ensure!(received == len, "{received} of {len} bytes arrived");
     Ok(start.elapsed())
+}
+
+/// Sends `frame` as it is out of `iface` of `ns` (AF_PACKET, SOCK_RAW): what root in a pod with
+/// CAP_NET_RAW can send.
+pub fn send_frame(ns: &NetNs, iface: &str, frame: &[u8]) -> Result<()> {
+    ns.run(|| -> Result<()> {
+        let ifindex =
+            nix::net::if_::if_nametoindex(iface).with_context(|| format!("no {iface}"))?;
+        // SAFETY: plain socket syscalls on a descriptor this function owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            ensure!(sent == frame.len() as isize, "sending the raw frame: {err}");
+        }
+        Ok(())
+    })?
+}
+
+/// A UDP socket bound to `ip` (any port) in `ns`, which waits a bounded time for datagrams.
+pub fn udp_listener(ns: &NetNs, ip: Ipv4Addr) -> Result<UdpSocket> {
+    let socket = ns
+        .run(|| UdpSocket::bind((ip, 0)))?
+        .with_context(|| format!("binding UDP on {ip}"))?;
+    // Long enough for a datagram that is coming, short enough for one that must not.
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(socket)
+}
+
+/// The next datagram `socket` receives and its source, or `None` when none comes.
+pub fn receive(socket: &UdpSocket) -> Result<Option<(Vec<u8>, std::net::SocketAddr)>> {
+    let mut buf = [0u8; 2048];
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => Ok(Some((buf[..n].to_vec(), from))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).context("receiving a datagram"),
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::{net::UdpSocket, time::Duration};
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use aya::{programs::Program, Ebpf};
 use podwire_common::{Endpoint, Reason};
 use podwire_core::object::programs;
@@ -13,6 +13,7 @@ use podwire_lab::{
     nodes::NodeAndPod,
     packets::{udp_v4, ETH_LEN},
     require_root,
+    traffic::send_frame,
 };
 
 #[test]
@@ -97,7 +98,7 @@ fn from_pod_on_a_veth_counts_real_packets_it_passes_to_the_node() -> Result<()> 
     // A pod can send anything from a packet socket: an IPv4 frame cut short inside its header is
     // dropped and counted, and never reaches the node.
     let runt = &udp_v4(pod_mac, NodeAndPod::POD_IP, NodeAndPod::NODE_IP, b"x")[..ETH_LEN + 12];
-    net.pod.run(|| send_raw_frame(NodeAndPod::POD_IF, runt))??;
+    send_frame(&net.pod, NodeAndPod::POD_IF, runt)?;
     let dropped = datapath.counters.get(Reason::DropMalformed)?;
     assert_eq!(
         (dropped.packets, dropped.bytes),
@@ -108,35 +109,5 @@ fn from_pod_on_a_veth_counts_real_packets_it_passes_to_the_node() -> Result<()> 
         datapath.counters.get(Reason::PassToStack)?.packets,
         DATAGRAMS
     );
-    Ok(())
-}
-
-/// Sends `frame` as-is out of `iface` of the calling thread's namespace (AF_PACKET, SOCK_RAW).
-fn send_raw_frame(iface: &str, frame: &[u8]) -> Result<()> {
-    let ifindex = nix::net::if_::if_nametoindex(iface).with_context(|| format!("no {iface}"))?;
-    // SAFETY: plain socket syscalls on a descriptor this function owns and closes.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        ensure!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        let sent = libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        ensure!(sent == frame.len() as isize, "sending the raw frame: {err}");
-    }
     Ok(())
 }
