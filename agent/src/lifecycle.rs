@@ -10,7 +10,6 @@ use podwire_core::{
     endpoint::{Attachment, EndpointRecord, VethPair},
     error_chain,
     mac::Mac,
-    object::programs,
     pins::Pins,
 };
 use podwire_datapath::{tcx_supported, AttachError, Datapath, Hook, MapError};
@@ -111,12 +110,8 @@ impl Agent {
             for hook in Hook::overlay(VXLAN_DEV) {
                 datapath.attach_pinned(hook, &hook.pin(&pins))?;
             }
-            let underlay = &overlay.underlay;
-            let pin = pins.link(programs::FROM_NETDEV, underlay);
-            match datapath.attach_from_netdev(underlay, &pin)? {
-                Some(mode) => info!(%underlay, ?mode, "from_netdev attached (XDP)"),
-                None => info!(%underlay, "from_netdev replaced in its pinned XDP link"),
-            }
+            let guard = overlay.guard_underlay(&mut datapath, &pins)?;
+            info!(underlay = %overlay.underlay, ?guard, "underlay guarded");
         }
         let known: HashSet<Ipv4Addr> = ipam.records().map(|e| e.ip).collect();
         for (ip, _) in datapath.endpoints.list()? {

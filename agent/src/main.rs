@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use podwire_agent::{
     cluster::{ClusterSource as _, FileSource},
     ipam::Ipam,
-    overlay::{self, Overlay, OverlayConfig},
+    overlay::{self, Overlay, OverlayConfig, UnderlayFilter},
     server, Agent, OBJECT,
 };
 use podwire_core::{api, cluster::Cluster, pins::Pins};
@@ -46,6 +46,13 @@ struct Args {
     /// UDP port of the overlay.
     #[arg(long, default_value_t = 4789)]
     vxlan_port: u16,
+
+    /// Which program drops tunnel packets from hosts that are no node on the underlay
+    /// interface: XDP where the NIC's driver runs it natively (auto), always XDP (native, else
+    /// generic), XDP in generic mode, or tc ingress. XDP elsewhere than in a NIC's driver copies
+    /// every coalesced packet.
+    #[arg(long, value_enum, default_value_t = UnderlayFilter::Auto)]
+    underlay_filter: UnderlayFilter,
 
     /// Pod MTU; by default the underlay interface's MTU less the VXLAN overhead (50 bytes), or
     /// 1500 without an overlay.
@@ -219,6 +226,7 @@ async fn join(args: &Args, source: &mut FileSource) -> Result<Joined> {
             address: me.address,
             vni: args.vni,
             port: args.vxlan_port,
+            underlay_filter: args.underlay_filter,
         },
     )
     .await?;

@@ -90,6 +90,15 @@ impl<'a> Hook<'a> {
         }
     }
 
+    /// `from_netdev_tc` at ingress of the underlay interface.
+    pub fn from_netdev_tc(iface: &'a str) -> Hook<'a> {
+        Hook {
+            program: programs::FROM_NETDEV_TC,
+            iface,
+            direction: TcAttachType::Ingress,
+        }
+    }
+
     /// Both hooks of a pod's host-side veth: `from_pod` and `to_pod`.
     pub fn pod(iface: &'a str) -> [Hook<'a>; 2] {
         [Self::from_pod(iface), Self::to_pod(iface)]
@@ -172,6 +181,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Detaches `hook` for good: removes its pinned link and, on kernels before 6.6 (no links to
+    /// pin), its netlink filter. No-op when it is not attached.
+    pub fn detach(hook: Hook<'_>, pin: &Path) -> Result<(), AttachError> {
+        Self::detach_pinned(pin)?;
+        if !tcx_supported() {
+            // Ignoring NotFound: there was no filter.
+            let _ = tc::qdisc_detach_program(hook.iface, hook.direction, hook.program);
+        }
+        Ok(())
+    }
+
     /// Removes the link pinned at `pin`, detaching its program (no-op when there is none).
     pub fn detach_pinned(pin: &Path) -> Result<(), AttachError> {
         match std::fs::remove_file(pin) {
@@ -183,14 +203,15 @@ impl Datapath {
         }
     }
 
-    /// Attaches `from_netdev` to `iface` for good, its link pinned at `pin`: in the driver where it
-    /// runs XDP (native), else in the stack (generic). A link already pinned there gets this
-    /// program atomically instead of its old one (agent upgrade). Returns the mode it runs in,
-    /// `None` when it replaced a pinned link's program.
+    /// Attaches `from_netdev` (XDP) to `iface` for good, its link pinned at `pin`, in `mode`; with
+    /// `XdpMode::Default`, in the driver where it runs XDP (native), else in the stack (generic).
+    /// A link already pinned there gets this program atomically instead of its old one (agent
+    /// upgrade). Returns the mode it runs in, `None` when it replaced a pinned link's program.
     pub fn attach_from_netdev(
         &mut self,
         iface: &str,
         pin: &Path,
+        mode: XdpMode,
     ) -> Result<Option<XdpMode>, AttachError> {
         let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Pin {
             path: pin.display().to_string(),
@@ -216,13 +237,16 @@ impl Datapath {
             iface: iface.into(),
             source: source.into(),
         };
-        let (id, mode) = match program.attach(iface, XdpMode::Driver) {
-            Ok(id) => (id, XdpMode::Driver),
-            // The driver has no XDP of its own (or refuses this program): the stack runs it.
-            Err(_) => (
-                program.attach(iface, XdpMode::Skb).map_err(attach_err)?,
-                XdpMode::Skb,
-            ),
+        let (id, mode) = match mode {
+            XdpMode::Default => match program.attach(iface, XdpMode::Driver) {
+                Ok(id) => (id, XdpMode::Driver),
+                // The driver has no XDP of its own (or refuses this program): the stack runs it.
+                Err(_) => (
+                    program.attach(iface, XdpMode::Skb).map_err(attach_err)?,
+                    XdpMode::Skb,
+                ),
+            },
+            mode => (program.attach(iface, mode).map_err(attach_err)?, mode),
         };
         let link = program.take_link(id).map_err(attach_err)?;
         let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;

@@ -1,6 +1,6 @@
-//! What `cargo xtask` built for the lab to run: the binaries, the eBPF object and cnitool. xtask
-//! passes their paths in the environment of the tests it runs; its own commands set the binary
-//! directory with [`set_bin_dir`].
+//! What `cargo xtask` built for the lab to run: the binaries, the eBPF object, cnitool and
+//! Kubernetes. xtask passes their paths in the environment of the tests it runs;
+//! its own commands set the binary directory with [`set_bin_dir`].
 
 use std::{
     path::{Path, PathBuf},
@@ -15,6 +15,8 @@ pub const BIN_DIR_ENV: &str = "PODWIRE_BIN_DIR";
 pub const OBJECT_ENV: &str = "PODWIRE_EBPF_OBJECT";
 /// Environment variable naming the built cnitool.
 pub const CNITOOL_ENV: &str = "PODWIRE_CNITOOL";
+/// Environment variable naming the directory of the Kubernetes binaries.
+pub const K8S_BIN_DIR_ENV: &str = "PODWIRE_K8S_BIN_DIR";
 
 static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
 
@@ -90,4 +92,21 @@ pub fn cnitool() -> Result<PathBuf> {
             .map(PathBuf::from)
             .unwrap_or_else(|| target().join("tools/cnitool")),
     )
+}
+
+/// Path of the Kubernetes binary `name`: kube-apiserver or kube-proxy v1.20.2, which
+/// `cargo xtask test` builds from Debian's source package into target/k8s/bin, or etcd 3.4 or
+/// kubectl 1.20.2, which it takes out of Debian's packages into the same directory.
+pub fn k8s_bin(name: &str) -> Result<PathBuf> {
+    let dir = std::env::var_os(K8S_BIN_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target().join("k8s/bin"));
+    let path = dir.join(name);
+    ensure!(
+        path.exists(),
+        "{} not found: run the tests through `cargo xtask test`, which puts Kubernetes' {name} \
+         there (building the server binaries takes several minutes, once)",
+        path.display()
+    );
+    Ok(path)
 }

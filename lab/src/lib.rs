@@ -3,7 +3,8 @@
 //! an underlay bridge ([`nodes`]); each node runs the real `podwire-agent` ([`processes`]); pods
 //! are wired by exec'ing the real CNI plugin as a container runtime does ([`cni`]); traffic
 //! between them is real ([`traffic`]), and so are the frames crafted for the programs
-//! ([`packets`]). What `cargo xtask` built is found through [`artifacts`]. [`vm`] is what
+//! ([`packets`]). [`k8s`] adds a real Kubernetes control plane and the real kube-proxy on the
+//! nodes, for Services. What `cargo xtask` built is found through [`artifacts`]. [`vm`] is what
 //! `podwire-verify` reports from the VM `cargo xtask vm-verify` boots.
 //!
 //! Everything made here is removed when its guard drops, also when a test fails; leftovers of a
@@ -11,6 +12,7 @@
 
 pub mod artifacts;
 pub mod cni;
+pub mod k8s;
 pub mod namespaces;
 pub mod nodes;
 pub mod packets;

@@ -25,6 +25,31 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// Runs `cmd` with `input` on its stdin, failing with its stderr unless it succeeds.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Output> {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(input)
+        .with_context(|| format!("writing to {cmd:?}"))?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(out)
+}
+
 /// Waiting for a daemon's line is bounded only against hanging: tests never assert on time.
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -3,13 +3,12 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context as _, Result};
-use std::net::UdpSocket;
 
 use crate::namespaces::NetNs;
 
@@ -174,4 +173,122 @@ pub fn receive(socket: &UdpSocket) -> Result<Option<(Vec<u8>, std::net::SocketAd
         }
         Err(e) => Err(e).context("receiving a datagram"),
     }
+}
+
+/// TCP and UDP echo servers on one port of an address in a namespace, answering every client
+/// until dropped: the backends of the lab's Services.
+pub struct EchoServers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// How often the servers look for a stop, and how long they wait for a client's bytes.
+const ECHO_POLL: Duration = Duration::from_millis(20);
+
+impl EchoServers {
+    /// Serves TCP and UDP on `ip`:`port` in `ns`. The answer is the request followed by `|` and
+    /// the client's address as the server saw it (see [`seen_from`]): a TCP client gets it once
+    /// it shuts its side down, a UDP datagram from the same address and port.
+    pub fn start(ns: &NetNs, ip: Ipv4Addr, port: u16) -> Result<EchoServers> {
+        use std::sync::{atomic::AtomicBool, Arc};
+        let (tcp, udp) = ns.run(|| -> std::io::Result<(TcpListener, UdpSocket)> {
+            Ok((TcpListener::bind((ip, port))?, UdpSocket::bind((ip, port))?))
+        })??;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(ECHO_POLL))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = {
+            let stop = stop.clone();
+            move || stop.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let tcp_stopped = stopped.clone();
+        let tcp_thread = thread::spawn(move || {
+            while !tcp_stopped() {
+                match tcp.accept() {
+                    Ok((mut conn, peer)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(TIMEOUT));
+                        let mut data = Vec::new();
+                        if conn.read_to_end(&mut data).is_ok() {
+                            let _ = conn.write_all(&answer(&data, peer));
+                        }
+                    }
+                    Err(_) => thread::sleep(ECHO_POLL),
+                }
+            }
+        });
+        let udp_thread = thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stopped() {
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&answer(&buf[..n], from), from);
+                }
+            }
+        });
+        Ok(EchoServers {
+            stop,
+            threads: vec![tcp_thread, udp_thread],
+        })
+    }
+}
+
+fn answer(request: &[u8], peer: std::net::SocketAddr) -> Vec<u8> {
+    let mut answer = request.to_vec();
+    answer.push(b'|');
+    answer.extend_from_slice(peer.to_string().as_bytes());
+    answer
+}
+
+/// The request an [`EchoServers`] answer repeats, and the client address the server saw.
+pub fn seen_from(answer: &[u8]) -> Result<(Vec<u8>, std::net::SocketAddr)> {
+    let split = answer
+        .iter()
+        .rposition(|&b| b == b'|')
+        .context("an echo answer holds '|'")?;
+    let peer = std::str::from_utf8(&answer[split + 1..])?
+        .parse()
+        .context("an echo answer ends with the client's address")?;
+    Ok((answer[..split].to_vec(), peer))
+}
+
+impl Drop for EchoServers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends `payload` over TCP from `client` to `to` and returns what comes back once the client
+/// has shut its side down.
+pub fn tcp_request(client: &NetNs, to: std::net::SocketAddr, payload: &[u8]) -> Result<Vec<u8>> {
+    let mut conn = client
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))?
+        .with_context(|| format!("connecting {} -> {to}", client.name()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(payload)?;
+    conn.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer)
+        .with_context(|| format!("reading the answer of {to} in {}", client.name()))?;
+    Ok(answer)
+}
+
+/// Sends one UDP datagram from `client` to `to` and returns the answer and where it came from.
+pub fn udp_request(
+    client: &NetNs,
+    to: std::net::SocketAddr,
+    payload: &[u8],
+) -> Result<(Vec<u8>, std::net::SocketAddr)> {
+    let socket = client
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+        .context("binding a UDP client")?;
+    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+    socket.send_to(payload, to)?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no answer from {to} in {}", client.name()))?;
+    Ok((buf[..n].to_vec(), from))
 }

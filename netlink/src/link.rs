@@ -8,7 +8,7 @@ use nix::sched::{setns, CloneFlags};
 use podwire_core::mac::Mac;
 use rtnetlink::{
     packet_route::{
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         route::RouteMessage,
     },
     Handle, RouteMessageBuilder,
@@ -30,6 +30,9 @@ pub struct Link {
     pub mac: Option<Mac>,
     pub mtu: Option<u32>,
     pub up: bool,
+    /// What kind of virtual device it is (veth, bridge, vxlan, ...); `None` for a device with a
+    /// driver of its own (a NIC, virtio).
+    pub kind: Option<InfoKind>,
 }
 
 /// How to find a link.
@@ -47,12 +50,19 @@ impl Link {
             mac: None,
             mtu: None,
             up: message.header.flags.contains(LinkFlags::Up),
+            kind: None,
         };
         for attribute in message.attributes {
             match attribute {
                 LinkAttribute::IfName(name) => link.name = name,
                 LinkAttribute::Address(bytes) => link.mac = Mac::try_from(bytes.as_slice()).ok(),
                 LinkAttribute::Mtu(mtu) => link.mtu = Some(mtu),
+                LinkAttribute::LinkInfo(infos) => {
+                    link.kind = infos.into_iter().find_map(|info| match info {
+                        LinkInfo::Kind(kind) => Some(kind),
+                        _ => None,
+                    })
+                }
                 _ => {}
             }
         }

@@ -20,9 +20,19 @@ const VNI: u32 = 42;
 const STRANGER: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 200);
 
 fn cluster(nodes: usize) -> Result<Cluster> {
+    cluster_guarded_by(nodes, "auto")
+}
+
+/// Nodes whose agents guard their underlay with `filter` (`--underlay-filter`).
+fn cluster_guarded_by(nodes: usize, filter: &str) -> Result<Cluster> {
     Cluster::start(ClusterSpec {
         nodes,
-        agent_args: vec!["--vni".into(), VNI.to_string()],
+        agent_args: vec![
+            "--vni".into(),
+            VNI.to_string(),
+            "--underlay-filter".into(),
+            filter.into(),
+        ],
         echo_agents: false,
     })
 }
@@ -241,8 +251,29 @@ fn send_vxlan(
 }
 
 #[test]
-fn underlay_hosts_cannot_put_packets_into_the_overlay() -> Result<()> {
+fn underlay_hosts_cannot_put_packets_into_the_overlay_past_xdp() -> Result<()> {
+    let c = cluster_guarded_by(2, "xdp")?;
+    // A veth runs XDP in its driver: the program is attached natively ("xdp", not "xdpgeneric").
+    let link = String::from_utf8(c.nodes[1].ns.ip(&["link", "show", "eth0"])?.stdout)?;
+    assert!(
+        link.contains(" xdp ") || link.contains("prog/xdp"),
+        "{link}"
+    );
+    underlay_hosts_cannot_put_packets_into_the_overlay(&c)
+}
+
+#[test]
+fn underlay_hosts_cannot_put_packets_into_the_overlay_past_tc() -> Result<()> {
+    // On a veth underlay, auto guards at tc ingress.
     let c = cluster(2)?;
+    let pin = c.nodes[1]
+        .pins()
+        .link(podwire_core::object::programs::FROM_NETDEV_TC, "eth0");
+    assert!(pin.exists(), "from_netdev_tc pinned at {}", pin.display());
+    underlay_hosts_cannot_put_packets_into_the_overlay(&c)
+}
+
+fn underlay_hosts_cannot_put_packets_into_the_overlay(c: &Cluster) -> Result<()> {
     let stranger = c.underlay.plug("stranger", STRANGER, false)?;
     let target = c.nodes[1].add_pod("h-tunnel-target")?;
     let listener = udp_listener(&target.ns, target.ip)?;

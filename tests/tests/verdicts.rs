@@ -641,14 +641,18 @@ fn to_pod_verdicts_on_crafted_packets() -> Result<()> {
     check_table(&mut datapath, Program::Tc(programs::TO_POD), &cases)
 }
 
-#[test]
-fn from_netdev_verdicts_on_crafted_packets() -> Result<()> {
+/// The underlay table, for `from_netdev` (XDP) and `from_netdev_tc`, which judge alike.
+fn underlay_table(program: Program) -> Result<()> {
     let object = artifacts::object()?;
     let mut datapath = datapath(object.bytes())?;
+    let (pass_action, drop_action) = match program {
+        Program::FromNetdev => (XDP_PASS, XDP_DROP),
+        Program::Tc(_) => (TC_ACT_OK, TC_ACT_SHOT),
+    };
     let inner = udp(REMOTE_POD_B, POD_B);
     let tunnel = |src, vni| packets::vxlan_frame(src, THIS_NODE, PORT, vni, &inner);
-    let pass = |what, frame, reason| case(what, frame, None, XDP_PASS, reason);
-    let drop = |what, frame, reason| case(what, frame, None, XDP_DROP, reason);
+    let pass = |what, frame, reason| case(what, frame, None, pass_action, reason);
+    let drop = |what, frame, reason| case(what, frame, None, drop_action, reason);
     let mut no_vni_flag = tunnel(NODE_B, VNI);
     // The VXLAN flags follow the outer Ethernet, IPv4 and UDP headers.
     no_vni_flag[ETH_LEN + 20 + 8] = 0;
@@ -710,5 +714,15 @@ fn from_netdev_verdicts_on_crafted_packets() -> Result<()> {
             Reason::PassUnderlay,
         ),
     ];
-    check_table(&mut datapath, Program::FromNetdev, &cases)
+    check_table(&mut datapath, program, &cases)
+}
+
+#[test]
+fn from_netdev_verdicts_on_crafted_packets() -> Result<()> {
+    underlay_table(Program::FromNetdev)
+}
+
+#[test]
+fn from_netdev_tc_verdicts_on_crafted_packets() -> Result<()> {
+    underlay_table(Program::Tc(programs::FROM_NETDEV_TC))
 }

@@ -1,11 +1,12 @@
 //! `cargo xtask`: podwire's developer entry point, one module per command. Every command installs
-//! what it needs first ([`toolchain`], [`cnitool`]) and builds what it runs ([`build`]).
+//! what it needs first ([`toolchain`], [`cnitool`], [`k8s`]) and builds what it runs ([`build`]).
 
 mod bench;
 mod build;
 mod cmd;
 mod cnitool;
 mod demo;
+mod k8s;
 mod run;
 mod test;
 mod toolchain;

@@ -8,11 +8,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use podwire_lab::artifacts::{BIN_DIR_ENV, CNITOOL_ENV};
+use podwire_lab::artifacts::{BIN_DIR_ENV, CNITOOL_ENV, K8S_BIN_DIR_ENV};
 
 use crate::{
     build::{self, Built},
-    cnitool,
+    cnitool, k8s,
     toolchain::Needs,
     vm_verify,
 };
@@ -21,11 +21,13 @@ use crate::{
 pub fn run(args: &[String]) -> Result<()> {
     let Built { bins, object } = build::all(false, Needs::Run)?;
     let cnitool = cnitool::ensure()?;
+    let k8s = k8s::ensure()?;
     let mut cargo = build::userspace_cargo(&object);
     cargo
         .args(["test", "--workspace", "--exclude", "podwire-ebpf"])
         .env(BIN_DIR_ENV, &bins)
-        .env(CNITOOL_ENV, &cnitool);
+        .env(CNITOOL_ENV, &cnitool)
+        .env(K8S_BIN_DIR_ENV, &k8s);
     if !args.is_empty() {
         cargo.arg("--").args(args);
     }

@@ -1,0 +1,467 @@
+//! A real Kubernetes for the lab: kube-apiserver and kube-proxy v1.20.2, etcd and kubectl, so the
+//! tests can create Services and watch the real kube-proxy program a podwire node. Everything
+//! lands in target/k8s/bin, the directory the lab runs them from.
+//!
+//! etcd and kubectl 1.20.2 are Debian 12's (`etcd-server`, `kubernetes-client`), taken out of
+//! their packages rather than installed: installing `etcd-server` enables an etcd service on the
+//! host's loopback, and `kubernetes-client` cannot be installed next to another package that owns
+//! /usr/bin/kubectl (Google's). Debian has no binary package of the server binaries: they are
+//! built from its source package `kubernetes` (the whole upstream v1.20.2 tree with its vendor
+//! directory, in the orig tarball) with Debian's Go 1.19, offline, once. A cold build takes about
+//! five minutes on two cores; after that the check costs one `--version` per binary.
+//!
+//! Building the upstream tree with Go 1.19 needs GOPATH mode (module mode wants the module proxy)
+//! and two repairs:
+//! - the vendored github.com/modern-go/reflect2 1.0.1 reads Go runtime internals that changed
+//!   in Go 1.18: with it kube-apiserver dies of SIGSEGV inside json-iterator on its first request.
+//!   Debian's reflect2 1.0.2 (`golang-github-modern-go-reflect2-dev`) replaces it.
+//! - pkg/generated/openapi/zz_generated.openapi.go, which upstream's Makefile generates and the
+//!   tree does not hold: kube-apiserver refuses to start without the OpenAPI model of its types.
+//!   The vendored openapi-gen writes it from every package tagged `+k8s:openapi-gen=`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
+
+use crate::{build::workspace_root, cmd::run, toolchain::ensure_packages};
+
+/// What the lab runs from the machine next to the binaries in target/k8s/bin.
+const RUN_PACKAGES: &[(&str, &str)] = &[
+    ("iptables", "the rules kube-proxy writes into lab nodes"),
+    (
+        "conntrack",
+        "kube-proxy clears stale UDP flows of Services with it",
+    ),
+    (
+        "openssl",
+        "the lab control plane's service account key pair",
+    ),
+];
+
+/// What building the server binaries needs.
+const BUILD_PACKAGES: &[(&str, &str)] = &[
+    (
+        "golang-1.19-go",
+        "Go 1.19, to build kube-apiserver and kube-proxy",
+    ),
+    (
+        "golang-github-modern-go-reflect2-dev",
+        "reflect2 1.0.2 for the Kubernetes build: the vendored 1.0.1 crashes under Go 1.19",
+    ),
+];
+
+const VERSION: &str = "v1.20.2";
+/// Debian's version of the `kubernetes` source package and of its binary packages: the upstream
+/// v1.20.2 tree.
+const DEBIAN_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
+const SOURCE_PACKAGE: &str = "kubernetes";
+const GOROOT: &str = "/usr/lib/go-1.19";
+const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
+/// The tree's Go import path: GOPATH mode finds it at $GOPATH/src/k8s.io/kubernetes.
+const IMPORT_PATH: &str = "k8s.io/kubernetes";
+/// The apt sources of the machine, whose archives the packages come from.
+const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
+
+/// The server binaries the lab runs, each with its main package in the tree. Others (the
+/// controller manager, the scheduler, the kubelet) are one line each here.
+const BUILT: &[(&str, &str)] = &[
+    ("kube-apiserver", "cmd/kube-apiserver"),
+    ("kube-proxy", "cmd/kube-proxy"),
+];
+
+/// A binary taken from a Debian package.
+struct Packaged {
+    name: &'static str,
+    /// The binary package.
+    package: &'static str,
+    /// Whether the package must be at [`DEBIAN_VERSION`], the Kubernetes of the built binaries.
+    pinned: bool,
+    /// Arguments that make it print its version on stdout, and what that holds.
+    version_args: &'static [&'static str],
+    version: &'static str,
+}
+
+const PACKAGED: &[Packaged] = &[
+    Packaged {
+        name: "etcd",
+        package: "etcd-server",
+        pinned: false,
+        version_args: &["--version"],
+        version: "etcd Version: 3.4.",
+    },
+    Packaged {
+        name: "kubectl",
+        package: "kubernetes-client",
+        pinned: true,
+        version_args: &["version", "--client", "--short"],
+        version: "Client Version: v1.20.2",
+    },
+];
+
+/// Returns the directory holding kube-apiserver and kube-proxy v1.20.2, etcd and kubectl,
+/// fetching and building those that are missing; also installs the tools kube-proxy calls.
+pub fn ensure() -> Result<PathBuf> {
+    ensure_packages(RUN_PACKAGES)?;
+    let k8s = workspace_root().join("target/k8s");
+    let bin = k8s.join("bin");
+    // Developers sharing a checkout run `cargo xtask test` at the same time: one of them builds,
+    // the others wait for it instead of removing its work directory.
+    let _lock = lock(&k8s)?;
+    let packaged: Vec<&Packaged> = PACKAGED.iter().filter(|p| !p.is_in(&bin)).collect();
+    let built: Vec<(&str, &str)> = BUILT
+        .iter()
+        .filter(|(name, _)| !is_built(&bin.join(name)))
+        .copied()
+        .collect();
+    if packaged.is_empty() && built.is_empty() {
+        return Ok(bin);
+    }
+    let work = k8s.join("work");
+    // An interrupted earlier run may have left its files behind.
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    let apt = PrivateApt::new(&work.join("apt"))?;
+    if !packaged.is_empty() {
+        extract(&apt, &work.join("debs"), &packaged, &bin)?;
+    }
+    if !built.is_empty() {
+        ensure_packages(BUILD_PACKAGES)?;
+        let names: Vec<&str> = built.iter().map(|(name, _)| *name).collect();
+        eprintln!(
+            "xtask: building {} {VERSION} from Debian's {SOURCE_PACKAGE} source package with Go \
+             1.19 (the lab's Kubernetes control plane and kube-proxy; several minutes, once)",
+            names.join(", ")
+        );
+        let started = Instant::now();
+        // A failed build keeps its directory for a look; the next attempt starts afresh.
+        build(&apt, &work.join("build"), &built, &bin)
+            .with_context(|| format!("building Kubernetes in {}", work.display()))?;
+        eprintln!(
+            "xtask: built {} in {} s",
+            names.join(", "),
+            started.elapsed().as_secs()
+        );
+    }
+    fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    for p in PACKAGED {
+        ensure!(
+            p.is_in(&bin),
+            "{} does not report {:?}",
+            bin.join(p.name).display(),
+            p.version
+        );
+    }
+    for (name, _) in BUILT {
+        let path = bin.join(name);
+        ensure!(
+            is_built(&path),
+            "{} was built but does not report {VERSION}",
+            path.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Takes the exclusive lock of `dir` (created), waiting while another xtask holds it.
+fn lock(dir: &Path) -> Result<Flock<fs::File>> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, Errno::EWOULDBLOCK)) => {
+            eprintln!(
+                "xtask: waiting for another xtask fetching or building Kubernetes in {}",
+                dir.display()
+            );
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, errno)| errno)
+                .with_context(|| format!("locking {}", path.display()))
+        }
+        Err((_, errno)) => Err(errno).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// Whether `binary` runs and prints `version` when called with `args`.
+fn reports(binary: &Path, args: &[&str], version: &str) -> bool {
+    Command::new(binary)
+        .args(args)
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(version))
+}
+
+/// Whether a server binary runs and is the version the lab wants: "Kubernetes v1.20.2".
+fn is_built(binary: &Path) -> bool {
+    reports(binary, &["--version"], &format!("Kubernetes {VERSION}"))
+}
+
+impl Packaged {
+    /// Whether the binary is in `bin` and the version the lab wants.
+    fn is_in(&self, bin: &Path) -> bool {
+        reports(&bin.join(self.name), self.version_args, self.version)
+    }
+}
+
+/// apt with sources and package lists of its own, below a directory: the machine's archives,
+/// binary and source, as the machine's own lists have no deb-src entries (and stay untouched).
+struct PrivateApt {
+    parts: PathBuf,
+    lists: PathBuf,
+}
+
+impl PrivateApt {
+    /// Writes the sources below `dir` and downloads their package lists.
+    fn new(dir: &Path) -> Result<PrivateApt> {
+        let apt = PrivateApt {
+            parts: dir.join("sources"),
+            lists: dir.join("lists"),
+        };
+        for d in [&apt.parts, &apt.lists.join("partial")] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        // The machine's own archives (the release, its updates and security suites).
+        let sources = fs::read_to_string(DEBIAN_SOURCES).with_context(|| {
+            format!("reading {DEBIAN_SOURCES} (a Debian 12 machine's apt sources)")
+        })?;
+        let sources: String = sources
+            .lines()
+            .map(|line| match line.trim_end() {
+                "Types: deb" => "Types: deb deb-src\n".to_owned(),
+                other => format!("{other}\n"),
+            })
+            .collect();
+        let copy = apt.parts.join("debian.sources");
+        fs::write(&copy, sources).with_context(|| format!("writing {}", copy.display()))?;
+        run(apt.command(dir, &["update"])).context("apt-get update of private apt sources")?;
+        Ok(apt)
+    }
+
+    /// `apt-get args` on the private sources and lists, in `dir`.
+    fn command(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("apt-get");
+        cmd.current_dir(dir)
+            .arg("-q")
+            .args(["-o", "Dir::Etc::SourceList=/dev/null"])
+            .arg("-o")
+            .arg(format!("Dir::Etc::SourceParts={}", self.parts.display()))
+            .arg("-o")
+            .arg(format!("Dir::State::Lists={}", self.lists.display()))
+            // Downloads land in a directory only root can write; without this apt warns that it
+            // falls back from its unprivileged _apt user to root.
+            .args(["-o", "APT::Sandbox::User=root"])
+            .args(args);
+        cmd
+    }
+
+    /// Runs `apt-get args` in `dir` (created), where what it downloads lands.
+    fn download(&self, dir: &Path, args: &[&str]) -> Result<()> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        run(self.command(dir, args)).with_context(|| format!("apt-get {}", args.join(" ")))
+    }
+}
+
+/// Takes the `packaged` binaries out of their Debian packages into `bin`.
+fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) -> Result<()> {
+    let mut args = vec!["download".to_owned()];
+    for p in packaged {
+        eprintln!(
+            "xtask: taking {} out of Debian's {} package (the lab's Kubernetes control plane \
+             runs it)",
+            p.name, p.package
+        );
+        args.push(match p.pinned {
+            true => format!("{}={DEBIAN_VERSION}", p.package),
+            false => p.package.to_owned(),
+        });
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    apt.download(debs, &args)?;
+    let root = debs.join("root");
+    for entry in fs::read_dir(debs).with_context(|| format!("listing {}", debs.display()))? {
+        let deb = entry?.path();
+        if deb.extension().is_some_and(|ext| ext == "deb") {
+            let mut unpack = Command::new("dpkg-deb");
+            unpack.arg("-x").arg(&deb).arg(&root);
+            run(unpack).with_context(|| format!("unpacking {}", deb.display()))?;
+        }
+    }
+    for p in packaged {
+        let from = root.join("usr/bin").join(p.name);
+        let to = bin.join(p.name);
+        fs::copy(&from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
+}
+
+/// Downloads and unpacks the tree into a GOPATH in `work`, repairs it and builds `binaries`
+/// (name, main package) into `bin`.
+fn build(apt: &PrivateApt, work: &Path, binaries: &[(&str, &str)], bin: &Path) -> Result<()> {
+    let download = work.join("download");
+    let source = format!("{SOURCE_PACKAGE}={DEBIAN_VERSION}");
+    apt.download(&download, &["source", "--download-only", &source])?;
+    let tree = work.join("gopath/src").join(IMPORT_PATH);
+    unpack_orig(&download, &tree)?;
+    fs::remove_dir_all(&download).with_context(|| format!("removing {}", download.display()))?;
+
+    let vendored = tree.join("vendor/github.com/modern-go/reflect2");
+    fs::remove_dir_all(&vendored).with_context(|| format!("removing {}", vendored.display()))?;
+    let mut copy = Command::new("cp");
+    copy.arg("-r").arg(REFLECT2).arg(&vendored);
+    run(copy).context("replacing the vendored reflect2 1.0.1 by Debian's 1.0.2")?;
+
+    generate_openapi(work, &tree)?;
+
+    let version_flags: Vec<String> = [
+        "vendor/k8s.io/component-base/version",
+        "vendor/k8s.io/client-go/pkg/version",
+    ]
+    .iter()
+    .flat_map(|pkg| {
+        // Without these the binaries call themselves v0.0.0-master, and clients that compare
+        // versions (kubectl) warn about skew.
+        [
+            format!("-X {IMPORT_PATH}/{pkg}.gitVersion={VERSION}"),
+            format!("-X {IMPORT_PATH}/{pkg}.gitMajor=1"),
+            format!("-X {IMPORT_PATH}/{pkg}.gitMinor=20"),
+        ]
+    })
+    .collect();
+    let mut go = go(work, &tree);
+    go.arg("build")
+        // With more than one package, -o names a directory.
+        .arg("-o")
+        .arg(format!("{}/", bin.display()))
+        .arg("-ldflags")
+        .arg(version_flags.join(" "))
+        .args(
+            binaries
+                .iter()
+                .map(|(_, pkg)| format!("{IMPORT_PATH}/{pkg}")),
+        );
+    run(go).context("go build of the Kubernetes binaries")
+}
+
+/// Unpacks the upstream tree, the orig tarball `apt-get source` left in `download`, into `tree`.
+/// Debian's own patches are not applied: they only adapt the packaging to Debian's build.
+fn unpack_orig(download: &Path, tree: &Path) -> Result<()> {
+    let orig = fs::read_dir(download)
+        .with_context(|| format!("listing {}", download.display()))?
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .find(|path| path.to_string_lossy().ends_with(".orig.tar.gz"))
+        .with_context(|| {
+            format!(
+                "apt-get source left no orig tarball in {}",
+                download.display()
+            )
+        })?;
+    fs::create_dir_all(tree).with_context(|| format!("creating {}", tree.display()))?;
+    let mut tar = Command::new("tar");
+    // The tarball holds one directory, kubernetes-1.20.2/, whose content goes into `tree`.
+    tar.arg("-xzf")
+        .arg(&orig)
+        .arg("-C")
+        .arg(tree)
+        .arg("--strip-components=1");
+    run(tar).with_context(|| format!("unpacking {}", orig.display()))
+}
+
+/// Writes pkg/generated/openapi/zz_generated.openapi.go with the vendored openapi-gen, as
+/// upstream's Makefile does, from every package tagged `+k8s:openapi-gen=` under pkg and
+/// vendor/k8s.io (about 970 definitions).
+fn generate_openapi(work: &Path, tree: &Path) -> Result<()> {
+    let openapi_gen = work.join("openapi-gen");
+    let mut go = go(work, tree);
+    go.arg("build").arg("-o").arg(&openapi_gen).arg(format!(
+        "{IMPORT_PATH}/vendor/k8s.io/kube-openapi/cmd/openapi-gen"
+    ));
+    run(go).context("go build of openapi-gen")?;
+
+    // -R, not -r: vendor/k8s.io/* are symlinks into staging/src/k8s.io, and without following
+    // them only 3 definitions come out, and kube-apiserver exits with "cannot find model
+    // definition for ...CustomResourceDefinition".
+    let mut grep = Command::new("grep");
+    grep.current_dir(tree).args([
+        "-R",
+        "-l",
+        "--include=*.go",
+        "+k8s:openapi-gen=",
+        "pkg",
+        "vendor/k8s.io",
+    ]);
+    let out = grep.output().with_context(|| format!("running {grep:?}"))?;
+    ensure!(out.status.success(), "{grep:?} failed: {}", out.status);
+    let mut packages: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|file| Some(Path::new(file).parent()?.to_string_lossy().into_owned()))
+        // Generators and examples, not API types kube-apiserver serves.
+        .filter(|dir| {
+            !["code-generator", "sample-apiserver", "kube-openapi"]
+                .iter()
+                .any(|skip| dir.split('/').any(|part| part == *skip))
+        })
+        .map(|dir| format!("{IMPORT_PATH}/{dir}"))
+        .collect();
+    packages.sort();
+    packages.dedup();
+    ensure!(
+        packages.len() > 50,
+        "only {} packages tagged +k8s:openapi-gen= found in {}",
+        packages.len(),
+        tree.display()
+    );
+
+    let mut generate = Command::new(&openapi_gen);
+    generate
+        .current_dir(tree)
+        .envs(go_env(work))
+        .arg("-i")
+        .arg(packages.join(","))
+        .args(["-p", &format!("{IMPORT_PATH}/pkg/generated/openapi")])
+        .args(["-O", "zz_generated.openapi"])
+        .args(["-h", "vendor/k8s.io/code-generator/hack/boilerplate.go.txt"])
+        .arg("-o")
+        .arg(work.join("gopath/src"))
+        // Upstream checks the API rule violations against its list of known ones; they are no
+        // concern of the lab's, and would flood the output.
+        .arg("--report-filename")
+        .arg(work.join("api-violations.txt"));
+    run(generate).context("generating the OpenAPI definitions")?;
+    let generated = tree.join("pkg/generated/openapi/zz_generated.openapi.go");
+    if !generated.exists() {
+        bail!("openapi-gen wrote no {}", generated.display());
+    }
+    Ok(())
+}
+
+/// Go 1.19 in GOPATH mode with caches in `work`, static binaries, no network.
+fn go_env(work: &Path) -> Vec<(&'static str, String)> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    vec![
+        ("GOROOT", GOROOT.to_owned()),
+        ("PATH", format!("{GOROOT}/bin:{path}")),
+        ("GOPATH", work.join("gopath").display().to_string()),
+        ("GOCACHE", work.join("gocache").display().to_string()),
+        ("GO111MODULE", "off".to_owned()),
+        ("GOPROXY", "off".to_owned()),
+        ("CGO_ENABLED", "0".to_owned()),
+    ]
+}
+
+/// `go` in `tree` with [`go_env`].
+fn go(work: &Path, tree: &Path) -> Command {
+    let mut cmd = Command::new(format!("{GOROOT}/bin/go"));
+    cmd.current_dir(tree).envs(go_env(work));
+    cmd
+}
