@@ -110,8 +110,10 @@ impl Agent {
             for hook in Hook::overlay(VXLAN_DEV) {
                 datapath.attach_pinned(hook, &hook.pin(&pins))?;
             }
-            let guard = overlay.guard_underlay(&mut datapath, &pins)?;
-            info!(underlay = %overlay.underlay, ?guard, "underlay guarded");
+            match overlay.guard_underlay(&mut datapath, &pins)? {
+                Some(mode) => info!(underlay = %overlay.underlay, ?mode, "from_netdev attached"),
+                None => info!(underlay = %overlay.underlay, "from_netdev swapped into its link"),
+            }
         }
         let known: HashSet<Ipv4Addr> = ipam.records().map(|e| e.ip).collect();
         for (ip, _) in datapath.endpoints.list()? {

@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use podwire_agent::{
     cluster::{ClusterSource as _, FileSource},
     ipam::Ipam,
-    overlay::{self, Overlay, OverlayConfig, UnderlayFilter},
+    overlay::{self, Overlay, OverlayConfig, UnderlayXdp},
     server, Agent, OBJECT,
 };
 use podwire_core::{api, cluster::Cluster, pins::Pins};
@@ -47,12 +47,12 @@ struct Args {
     #[arg(long, default_value_t = 4789)]
     vxlan_port: u16,
 
-    /// Which program drops tunnel packets from hosts that are no node on the underlay
-    /// interface: XDP where the NIC's driver runs it natively (auto), always XDP (native, else
-    /// generic), XDP in generic mode, or tc ingress. XDP elsewhere than in a NIC's driver copies
-    /// every coalesced packet.
-    #[arg(long, value_enum, default_value_t = UnderlayFilter::Auto)]
-    underlay_filter: UnderlayFilter,
+    /// Where the XDP program that drops tunnel packets from hosts that are no node runs on the
+    /// underlay interface: in the driver of a NIC that has XDP and generic elsewhere (auto), in
+    /// the driver (native), or in the stack (generic). A veth's "native" XDP copies every
+    /// coalesced packet.
+    #[arg(long, value_enum, default_value_t = UnderlayXdp::Auto)]
+    underlay_xdp: UnderlayXdp,
 
     /// Pod MTU; by default the underlay interface's MTU less the VXLAN overhead (50 bytes), or
     /// 1500 without an overlay.
@@ -226,7 +226,7 @@ async fn join(args: &Args, source: &mut FileSource) -> Result<Joined> {
             address: me.address,
             vni: args.vni,
             port: args.vxlan_port,
-            underlay_filter: args.underlay_filter,
+            underlay_xdp: args.underlay_xdp,
         },
     )
     .await?;

@@ -5,9 +5,8 @@
 use std::net::Ipv4Addr;
 
 use podwire_core::{object::programs, pins::Pins};
-use podwire_datapath::{AttachError, Datapath, Hook, Tunnel, XdpMode};
+use podwire_datapath::{AttachError, Datapath, Tunnel, XdpMode};
 use podwire_netlink::{overlay::VxlanDevice, Netlink, NetlinkError};
-use tracing::warn;
 
 /// The agent's VXLAN device.
 pub const VXLAN_DEV: &str = "pw-vxlan";
@@ -25,29 +24,27 @@ pub struct OverlayConfig {
     pub vni: u32,
     /// UDP port of the tunnel.
     pub port: u16,
-    /// Which program drops tunnel packets from hosts that are no node.
-    pub underlay_filter: UnderlayFilter,
+    /// Where `from_netdev` runs on the underlay interface.
+    pub underlay_xdp: UnderlayXdp,
 }
 
-/// Which program guards the underlay interface: `from_netdev` (XDP) or `from_netdev_tc`.
+/// Where `from_netdev`, the XDP program that drops tunnel packets from hosts that are no node,
+/// runs on the underlay interface.
 ///
-/// XDP drops earliest, before the kernel allocates an skb, where the driver runs it (native
-/// mode). Elsewhere it costs more than it saves: a virtual device's "native" XDP (veth) and
-/// generic XDP must copy every coalesced (GRO/GSO) packet into a linear buffer before the program
-/// runs, which took cross-node TCP from 22 to 5 Gbit/s on a veth underlay. tc ingress reads the
-/// same headers in place.
+/// In a NIC's driver (native mode) it runs before the kernel allocates an skb, the earliest and
+/// cheapest place. A virtual device's "native" XDP is no such thing: veth runs it in a software
+/// loop that first copies every coalesced (GRO/GSO) packet into a linear buffer, which took
+/// cross-node TCP from 20 to 4.3 Gbit/s on a veth underlay, where generic mode (run by the stack
+/// on the skb it has) kept 20.9.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum UnderlayFilter {
-    /// XDP in the driver of a NIC that runs it natively; tc ingress on a virtual device (veth,
-    /// bridge, bond, ...) or where the driver refuses native XDP (virtio-net with its guest
-    /// offloads on, say).
+pub enum UnderlayXdp {
+    /// Native on a NIC whose driver runs XDP (generic if it refuses: virtio-net with its guest
+    /// offloads on, say); generic on a virtual device (veth, bridge, bond, ...).
     Auto,
-    /// XDP: native where the driver has it, generic otherwise.
-    Xdp,
-    /// XDP in generic mode.
-    XdpGeneric,
-    /// tc ingress.
-    Tc,
+    /// Native: fails where the driver has no XDP.
+    Native,
+    /// Generic, in the stack.
+    Generic,
 }
 
 /// The overlay as this node runs it.
@@ -106,52 +103,24 @@ impl Overlay {
     }
 }
 
-/// How the underlay is guarded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UnderlayGuard {
-    /// `from_netdev` in this XDP mode; `None` when it replaced the program of a pinned link,
-    /// which keeps the mode it was attached in.
-    Xdp(Option<XdpMode>),
-    /// `from_netdev_tc` at tc ingress.
-    Tc,
-}
-
 impl Overlay {
-    /// Attaches the program [`UnderlayFilter`] calls for to the underlay interface, pinned, and
-    /// detaches the other one (left by an agent configured otherwise).
+    /// Attaches `from_netdev` to the underlay interface, pinned, where [`UnderlayXdp`] says; a
+    /// restarted agent swaps its program into the pinned link. Returns the mode it runs in,
+    /// `None` when it replaced the program of a pinned link, which keeps its mode.
     pub fn guard_underlay(
         &self,
         datapath: &mut Datapath,
         pins: &Pins,
-    ) -> Result<UnderlayGuard, AttachError> {
-        let iface = self.underlay.as_str();
-        let xdp_pin = pins.link(programs::FROM_NETDEV, iface);
-        let tc = Hook::from_netdev_tc(iface);
-        let tc_pin = tc.pin(pins);
-        let xdp = match self.config.underlay_filter {
-            UnderlayFilter::Tc => None,
-            UnderlayFilter::Auto if self.underlay_virtual => None,
-            UnderlayFilter::Auto => Some(XdpMode::Driver),
-            UnderlayFilter::Xdp => Some(XdpMode::Default),
-            UnderlayFilter::XdpGeneric => Some(XdpMode::Skb),
+    ) -> Result<Option<XdpMode>, AttachError> {
+        let mode = match self.config.underlay_xdp {
+            UnderlayXdp::Auto if self.underlay_virtual => XdpMode::Skb,
+            // Native where the driver has it, generic otherwise.
+            UnderlayXdp::Auto => XdpMode::Default,
+            UnderlayXdp::Native => XdpMode::Driver,
+            UnderlayXdp::Generic => XdpMode::Skb,
         };
-        if let Some(mode) = xdp {
-            match datapath.attach_from_netdev(iface, &xdp_pin, mode) {
-                Ok(attached) => {
-                    Datapath::detach(tc, &tc_pin)?;
-                    return Ok(UnderlayGuard::Xdp(attached));
-                }
-                Err(e) if self.config.underlay_filter == UnderlayFilter::Auto => warn!(
-                    underlay = iface,
-                    "no native XDP here ({}); guarding it at tc ingress",
-                    podwire_core::error_chain(&e)
-                ),
-                Err(e) => return Err(e),
-            }
-        }
-        datapath.attach_pinned(tc, &tc_pin)?;
-        Datapath::detach_pinned(&xdp_pin)?;
-        Ok(UnderlayGuard::Tc)
+        let iface = self.underlay.as_str();
+        datapath.attach_from_netdev(iface, &pins.link(programs::FROM_NETDEV, iface), mode)
     }
 }
 
@@ -173,7 +142,7 @@ mod tests {
                 address: Ipv4Addr::new(192, 168, 77, 1),
                 vni: 1,
                 port: 4789,
-                underlay_filter: UnderlayFilter::Auto,
+                underlay_xdp: UnderlayXdp::Auto,
             },
             underlay: "eth0".into(),
             underlay_mtu,

@@ -14,18 +14,8 @@ pub mod programs {
     pub const TO_OVERLAY: &str = "to_overlay";
     /// XDP on the underlay interface: everything that arrives from the network.
     pub const FROM_NETDEV: &str = "from_netdev";
-    /// The same, at tc ingress of the underlay interface, where XDP would cost more than it
-    /// saves. A node attaches one of the two.
-    pub const FROM_NETDEV_TC: &str = "from_netdev_tc";
     /// Every program a node attaches, in load order; all tc classifiers but [`FROM_NETDEV`].
-    pub const ALL: [&str; 6] = [
-        FROM_POD,
-        TO_POD,
-        FROM_OVERLAY,
-        TO_OVERLAY,
-        FROM_NETDEV,
-        FROM_NETDEV_TC,
-    ];
+    pub const ALL: [&str; 5] = [FROM_POD, TO_POD, FROM_OVERLAY, TO_OVERLAY, FROM_NETDEV];
     /// `from_overlay` as BPF_PROG_TEST_RUN can run it: the same code, but the sending node's
     /// address comes from `__sk_buff.cb[0]` (in network byte order), as a test run cannot give a
     /// packet tunnel metadata. Never attached.

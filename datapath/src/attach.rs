@@ -90,15 +90,6 @@ impl<'a> Hook<'a> {
         }
     }
 
-    /// `from_netdev_tc` at ingress of the underlay interface.
-    pub fn from_netdev_tc(iface: &'a str) -> Hook<'a> {
-        Hook {
-            program: programs::FROM_NETDEV_TC,
-            iface,
-            direction: TcAttachType::Ingress,
-        }
-    }
-
     /// Both hooks of a pod's host-side veth: `from_pod` and `to_pod`.
     pub fn pod(iface: &'a str) -> [Hook<'a>; 2] {
         [Self::from_pod(iface), Self::to_pod(iface)]
@@ -181,17 +172,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches `hook` for good: removes its pinned link and, on kernels before 6.6 (no links to
-    /// pin), its netlink filter. No-op when it is not attached.
-    pub fn detach(hook: Hook<'_>, pin: &Path) -> Result<(), AttachError> {
-        Self::detach_pinned(pin)?;
-        if !tcx_supported() {
-            // Ignoring NotFound: there was no filter.
-            let _ = tc::qdisc_detach_program(hook.iface, hook.direction, hook.program);
-        }
-        Ok(())
-    }
-
     /// Removes the link pinned at `pin`, detaching its program (no-op when there is none).
     pub fn detach_pinned(pin: &Path) -> Result<(), AttachError> {
         match std::fs::remove_file(pin) {
@@ -206,7 +186,8 @@ impl Datapath {
     /// Attaches `from_netdev` (XDP) to `iface` for good, its link pinned at `pin`, in `mode`; with
     /// `XdpMode::Default`, in the driver where it runs XDP (native), else in the stack (generic).
     /// A link already pinned there gets this program atomically instead of its old one (agent
-    /// upgrade). Returns the mode it runs in, `None` when it replaced a pinned link's program.
+    /// upgrade), keeping its mode. Returns the mode it runs in, `None` when it replaced a pinned
+    /// link's program.
     pub fn attach_from_netdev(
         &mut self,
         iface: &str,

@@ -16,6 +16,11 @@ use nix::{sys::signal::Signal, unistd::Pid};
 /// Runs `cmd`, failing with its stderr unless it succeeds.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    succeeded(cmd, out)
+}
+
+/// `out` of `cmd`, or its failure with its stderr.
+fn succeeded(cmd: &Command, out: Output) -> Result<Output> {
     ensure!(
         out.status.success(),
         "{cmd:?} failed ({}): {}",
@@ -40,14 +45,7 @@ pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Output> {
         .expect("stdin is piped")
         .write_all(input)
         .with_context(|| format!("writing to {cmd:?}"))?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(out)
+    succeeded(cmd, child.wait_with_output()?)
 }
 
 /// Waiting for a daemon's line is bounded only against hanging: tests never assert on time.

@@ -23,18 +23,25 @@ fn cluster(nodes: usize) -> Result<Cluster> {
     cluster_guarded_by(nodes, "auto")
 }
 
-/// Nodes whose agents guard their underlay with `filter` (`--underlay-filter`).
-fn cluster_guarded_by(nodes: usize, filter: &str) -> Result<Cluster> {
+/// Nodes whose agents run `from_netdev` in XDP mode `mode` (`--underlay-xdp`).
+fn cluster_guarded_by(nodes: usize, mode: &str) -> Result<Cluster> {
     Cluster::start(ClusterSpec {
         nodes,
         agent_args: vec![
             "--vni".into(),
             VNI.to_string(),
-            "--underlay-filter".into(),
-            filter.into(),
+            "--underlay-xdp".into(),
+            mode.into(),
         ],
         echo_agents: false,
     })
+}
+
+/// How `ip link` shows the XDP program on the underlay interface of `node`.
+fn xdp_on_underlay(node: &Node) -> Result<String> {
+    Ok(String::from_utf8(
+        node.ns.ip(&["link", "show", "eth0"])?.stdout,
+    )?)
 }
 
 /// A pod's MAC and its gateway's (the host side of its veth), from its ADD result.
@@ -251,25 +258,22 @@ fn send_vxlan(
 }
 
 #[test]
-fn underlay_hosts_cannot_put_packets_into_the_overlay_past_xdp() -> Result<()> {
-    let c = cluster_guarded_by(2, "xdp")?;
-    // A veth runs XDP in its driver: the program is attached natively ("xdp", not "xdpgeneric").
-    let link = String::from_utf8(c.nodes[1].ns.ip(&["link", "show", "eth0"])?.stdout)?;
-    assert!(
-        link.contains(" xdp ") || link.contains("prog/xdp"),
-        "{link}"
-    );
+fn underlay_hosts_cannot_put_packets_into_the_overlay_past_generic_xdp() -> Result<()> {
+    // On a virtual underlay (veth), auto runs from_netdev in the stack.
+    let c = cluster(2)?;
+    let link = xdp_on_underlay(&c.nodes[1])?;
+    assert!(link.contains("xdpgeneric"), "{link}");
     underlay_hosts_cannot_put_packets_into_the_overlay(&c)
 }
 
 #[test]
-fn underlay_hosts_cannot_put_packets_into_the_overlay_past_tc() -> Result<()> {
-    // On a veth underlay, auto guards at tc ingress.
-    let c = cluster(2)?;
-    let pin = c.nodes[1]
-        .pins()
-        .link(podwire_core::object::programs::FROM_NETDEV_TC, "eth0");
-    assert!(pin.exists(), "from_netdev_tc pinned at {}", pin.display());
+fn underlay_hosts_cannot_put_packets_into_the_overlay_past_native_xdp() -> Result<()> {
+    let c = cluster_guarded_by(2, "native")?;
+    let link = xdp_on_underlay(&c.nodes[1])?;
+    assert!(
+        link.contains("xdp") && !link.contains("xdpgeneric"),
+        "{link}"
+    );
     underlay_hosts_cannot_put_packets_into_the_overlay(&c)
 }
 

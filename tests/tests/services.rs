@@ -135,6 +135,40 @@ fn check(
     Ok(())
 }
 
+impl Lab {
+    /// The client pod to the ClusterIPs of Services whose backend is on its node (`same`), on
+    /// the other node (`other`), and itself (`hairpin`, which kube-proxy masquerades).
+    fn check_pod_to_cluster_ips(
+        &self,
+        same: &Service,
+        other: &Service,
+        hairpin: &Service,
+    ) -> Result<()> {
+        let client = &self.client;
+        check(
+            "a pod to a ClusterIP, backend on its node",
+            &client.ns,
+            cluster_ip(same),
+            &self.same_node,
+            Seen::Client(client.ip),
+        )?;
+        check(
+            "a pod to a ClusterIP, backend on another node",
+            &client.ns,
+            cluster_ip(other),
+            &self.other_node,
+            Seen::Client(client.ip),
+        )?;
+        check(
+            "a pod to a ClusterIP whose backend is itself (hairpin)",
+            &client.ns,
+            cluster_ip(hairpin),
+            client,
+            Seen::Masqueraded,
+        )
+    }
+}
+
 fn cluster_ip(svc: &Service) -> (SocketAddr, SocketAddr) {
     (
         SocketAddr::from((svc.cluster_ip, TCP_PORT)),
@@ -183,27 +217,7 @@ fn services_through_kube_proxy_in_iptables_mode() -> Result<()> {
     let node1 = &lab.cluster.nodes[0];
     let stack_flows_before = node1.counter(Reason::PassStackFlow)?.packets;
     let client = &lab.client;
-    check(
-        "a pod to a ClusterIP, backend on its node",
-        &client.ns,
-        cluster_ip(&same),
-        &lab.same_node,
-        Seen::Client(client.ip),
-    )?;
-    check(
-        "a pod to a ClusterIP, backend on another node",
-        &client.ns,
-        cluster_ip(&other),
-        &lab.other_node,
-        Seen::Client(client.ip),
-    )?;
-    check(
-        "a pod to a ClusterIP whose backend is itself (hairpin)",
-        &client.ns,
-        cluster_ip(&hairpin),
-        client,
-        Seen::Masqueraded,
-    )?;
+    lab.check_pod_to_cluster_ips(&same, &other, &hairpin)?;
     check(
         "a host outside the cluster to a NodePort, backend on another node",
         &lab.outside,
@@ -333,28 +347,7 @@ fn services_through_rules_in_kube_proxys_nftables_shape() -> Result<()> {
             .with_context(|| format!("loading the rules:\n{ruleset}"))?;
     }
 
-    let client = &lab.client;
-    check(
-        "a pod to a ClusterIP, backend on its node",
-        &client.ns,
-        cluster_ip(&same),
-        &lab.same_node,
-        Seen::Client(client.ip),
-    )?;
-    check(
-        "a pod to a ClusterIP, backend on another node",
-        &client.ns,
-        cluster_ip(&other),
-        &lab.other_node,
-        Seen::Client(client.ip),
-    )?;
-    check(
-        "a pod to a ClusterIP whose backend is itself (hairpin)",
-        &client.ns,
-        cluster_ip(&hairpin),
-        client,
-        Seen::Masqueraded,
-    )?;
+    lab.check_pod_to_cluster_ips(&same, &other, &hairpin)?;
     check(
         "the node itself to a ClusterIP, backend on another node",
         &lab.cluster.nodes[0].ns,

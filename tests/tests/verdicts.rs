@@ -641,18 +641,14 @@ fn to_pod_verdicts_on_crafted_packets() -> Result<()> {
     check_table(&mut datapath, Program::Tc(programs::TO_POD), &cases)
 }
 
-/// The underlay table, for `from_netdev` (XDP) and `from_netdev_tc`, which judge alike.
-fn underlay_table(program: Program) -> Result<()> {
+#[test]
+fn from_netdev_verdicts_on_crafted_packets() -> Result<()> {
     let object = artifacts::object()?;
     let mut datapath = datapath(object.bytes())?;
-    let (pass_action, drop_action) = match program {
-        Program::FromNetdev => (XDP_PASS, XDP_DROP),
-        Program::Tc(_) => (TC_ACT_OK, TC_ACT_SHOT),
-    };
     let inner = udp(REMOTE_POD_B, POD_B);
     let tunnel = |src, vni| packets::vxlan_frame(src, THIS_NODE, PORT, vni, &inner);
-    let pass = |what, frame, reason| case(what, frame, None, pass_action, reason);
-    let drop = |what, frame, reason| case(what, frame, None, drop_action, reason);
+    let pass = |what, frame, reason| case(what, frame, None, XDP_PASS, reason);
+    let drop = |what, frame, reason| case(what, frame, None, XDP_DROP, reason);
     let mut no_vni_flag = tunnel(NODE_B, VNI);
     // The VXLAN flags follow the outer Ethernet, IPv4 and UDP headers.
     no_vni_flag[ETH_LEN + 20 + 8] = 0;
@@ -714,15 +710,5 @@ fn underlay_table(program: Program) -> Result<()> {
             Reason::PassUnderlay,
         ),
     ];
-    check_table(&mut datapath, program, &cases)
-}
-
-#[test]
-fn from_netdev_verdicts_on_crafted_packets() -> Result<()> {
-    underlay_table(Program::FromNetdev)
-}
-
-#[test]
-fn from_netdev_tc_verdicts_on_crafted_packets() -> Result<()> {
-    underlay_table(Program::Tc(programs::FROM_NETDEV_TC))
+    check_table(&mut datapath, Program::FromNetdev, &cases)
 }

@@ -45,15 +45,18 @@ struct Sample {
     p99_us: f64,
 }
 
-pub fn run(reps: usize, seconds: u64) -> Result<()> {
+pub fn run(reps: usize, seconds: u64, agent_args: Vec<String>) -> Result<()> {
     let bins = build::all(true, Needs::Run)?.bins;
     toolchain::ensure_packages(&[("iperf3", "TCP throughput in the benchmarks")])?;
     // Release binaries: the agent and plugin the benchmark runs are the ones it just built.
     podwire_lab::artifacts::set_bin_dir(&bins);
 
+    if !agent_args.is_empty() {
+        println!("podwire's agents run with {}", agent_args.join(" "));
+    }
     let cluster = Cluster::start(ClusterSpec {
         nodes: 2,
-        agent_args: vec![],
+        agent_args,
         echo_agents: false,
     })?;
     let a = cluster.nodes[0].add_pod("a")?;

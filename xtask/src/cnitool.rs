@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{build::workspace_root, cmd::run, toolchain::ensure_packages};
+use crate::{apt::PrivateApt, build::workspace_root, cmd::run, toolchain::ensure_packages};
 
 const PACKAGES: &[(&str, &str)] = &[
     ("golang-go", "Go, to build cnitool"),
@@ -31,10 +31,6 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 const SOURCE_PACKAGE: &str = "golang-github-appc-cni";
-const SUITE: &str = "bookworm";
-const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
-const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// Debian's Go, whose GOPATH mode finds the CNI library golang-github-appc-cni-dev installs.
 const GO: &str = "/usr/bin/go";
 const GOPATH: &str = "/usr/share/gocode";
@@ -75,43 +71,8 @@ fn runs(cnitool: &Path) -> bool {
 
 /// Downloads, unpacks and builds the source package in `work`, writing the binary to `out`.
 fn build(work: &Path, out: &Path) -> Result<()> {
-    // A private sources list and package lists: the machine's apt configuration has no deb-src
-    // lines and stays untouched.
-    let lists = work.join("lists");
-    fs::create_dir_all(lists.join("partial")).with_context(|| {
-        format!(
-            "creating the private apt lists directory {}",
-            lists.display()
-        )
-    })?;
-    let sources = work.join("sources.list");
-    let mirror = mirror();
-    fs::write(
-        &sources,
-        format!("deb-src [signed-by={KEYRING}] {mirror} {SUITE} main\n"),
-    )
-    .with_context(|| format!("writing {}", sources.display()))?;
-    let apt = |args: &[&str]| {
-        let mut cmd = Command::new("apt-get");
-        cmd.current_dir(work)
-            .arg("-q")
-            .arg("-o")
-            .arg(format!("Dir::Etc::SourceList={}", sources.display()))
-            .args(["-o", "Dir::Etc::SourceParts=/dev/null"])
-            .arg("-o")
-            .arg(format!("Dir::State::Lists={}", lists.display()))
-            // Another install on the machine may hold the dpkg lock for a while.
-            .args(["-o", "DPkg::Lock::Timeout=600"])
-            // The download lands in a directory only root can write; without this apt warns that
-            // it falls back from its unprivileged _apt user to root.
-            .args(["-o", "APT::Sandbox::User=root"])
-            .args(args);
-        cmd
-    };
-    run(apt(&["update"]))
-        .with_context(|| format!("apt-get update of the private deb-src list for {mirror}"))?;
-    run(apt(&["source", "--download-only", SOURCE_PACKAGE]))
-        .with_context(|| format!("apt-get source {SOURCE_PACKAGE}"))?;
+    let apt = PrivateApt::new(&work.join("apt"))?;
+    apt.download(work, &["source", "--download-only", SOURCE_PACKAGE])?;
 
     let dsc = fs::read_dir(work)
         .with_context(|| format!("listing {}", work.display()))?
@@ -136,25 +97,4 @@ fn build(work: &Path, out: &Path) -> Result<()> {
         // Go needs a build cache and finds none when HOME is unset.
         .env("GOCACHE", work.join("gocache"));
     run(go).context("go build of cnitool")
-}
-
-/// The mirror the machine's apt already uses for the suite, so the source comes from the same place.
-fn mirror() -> String {
-    fs::read_to_string(DEBIAN_SOURCES)
-        .ok()
-        .and_then(|text| {
-            let stanza = text.split("\n\n").find(|stanza| {
-                field(stanza, "Suites")
-                    .is_some_and(|suites| suites.split_whitespace().any(|s| s == SUITE))
-            })?;
-            Some(field(stanza, "URIs")?.split_whitespace().next()?.to_owned())
-        })
-        .unwrap_or_else(|| DEFAULT_MIRROR.to_owned())
-}
-
-/// The value of field `name` in a deb822 stanza.
-fn field<'a>(stanza: &'a str, name: &str) -> Option<&'a str> {
-    stanza
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
 }

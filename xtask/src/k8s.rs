@@ -32,7 +32,7 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
-use crate::{build::workspace_root, cmd::run, toolchain::ensure_packages};
+use crate::{apt::PrivateApt, build::workspace_root, cmd::run, toolchain::ensure_packages};
 
 /// What the lab runs from the machine next to the binaries in target/k8s/bin.
 const RUN_PACKAGES: &[(&str, &str)] = &[
@@ -68,9 +68,6 @@ const GOROOT: &str = "/usr/lib/go-1.19";
 const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 /// The tree's Go import path: GOPATH mode finds it at $GOPATH/src/k8s.io/kubernetes.
 const IMPORT_PATH: &str = "k8s.io/kubernetes";
-/// The apt sources of the machine, whose archives the packages come from.
-const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
-
 /// The server binaries the lab runs, each with its main package in the tree. Others (the
 /// controller manager, the scheduler, the kubelet) are one line each here.
 const BUILT: &[(&str, &str)] = &[
@@ -210,64 +207,6 @@ impl Packaged {
     /// Whether the binary is in `bin` and the version the lab wants.
     fn is_in(&self, bin: &Path) -> bool {
         reports(&bin.join(self.name), self.version_args, self.version)
-    }
-}
-
-/// apt with sources and package lists of its own, below a directory: the machine's archives,
-/// binary and source, as the machine's own lists have no deb-src entries (and stay untouched).
-struct PrivateApt {
-    parts: PathBuf,
-    lists: PathBuf,
-}
-
-impl PrivateApt {
-    /// Writes the sources below `dir` and downloads their package lists.
-    fn new(dir: &Path) -> Result<PrivateApt> {
-        let apt = PrivateApt {
-            parts: dir.join("sources"),
-            lists: dir.join("lists"),
-        };
-        for d in [&apt.parts, &apt.lists.join("partial")] {
-            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
-        // The machine's own archives (the release, its updates and security suites).
-        let sources = fs::read_to_string(DEBIAN_SOURCES).with_context(|| {
-            format!("reading {DEBIAN_SOURCES} (a Debian 12 machine's apt sources)")
-        })?;
-        let sources: String = sources
-            .lines()
-            .map(|line| match line.trim_end() {
-                "Types: deb" => "Types: deb deb-src\n".to_owned(),
-                other => format!("{other}\n"),
-            })
-            .collect();
-        let copy = apt.parts.join("debian.sources");
-        fs::write(&copy, sources).with_context(|| format!("writing {}", copy.display()))?;
-        run(apt.command(dir, &["update"])).context("apt-get update of private apt sources")?;
-        Ok(apt)
-    }
-
-    /// `apt-get args` on the private sources and lists, in `dir`.
-    fn command(&self, dir: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new("apt-get");
-        cmd.current_dir(dir)
-            .arg("-q")
-            .args(["-o", "Dir::Etc::SourceList=/dev/null"])
-            .arg("-o")
-            .arg(format!("Dir::Etc::SourceParts={}", self.parts.display()))
-            .arg("-o")
-            .arg(format!("Dir::State::Lists={}", self.lists.display()))
-            // Downloads land in a directory only root can write; without this apt warns that it
-            // falls back from its unprivileged _apt user to root.
-            .args(["-o", "APT::Sandbox::User=root"])
-            .args(args);
-        cmd
-    }
-
-    /// Runs `apt-get args` in `dir` (created), where what it downloads lands.
-    fn download(&self, dir: &Path, args: &[&str]) -> Result<()> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        run(self.command(dir, args)).with_context(|| format!("apt-get {}", args.join(" ")))
     }
 }
 

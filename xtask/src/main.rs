@@ -1,6 +1,7 @@
 //! `cargo xtask`: podwire's developer entry point, one module per command. Every command installs
 //! what it needs first ([`toolchain`], [`cnitool`], [`k8s`]) and builds what it runs ([`build`]).
 
+mod apt;
 mod bench;
 mod build;
 mod cmd;
@@ -51,6 +52,10 @@ enum Cmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// More arguments for podwire's agents, e.g. `-- --underlay-xdp native`, to measure a
+        /// configuration other than the defaults.
+        #[arg(last = true)]
+        agent_args: Vec<String>,
     },
     /// Run the unit tests and the kernel integration tests (needs root).
     Test {
@@ -67,7 +72,11 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build::run(release),
         Cmd::Run { release, args } => run::run(release, &args),
         Cmd::Demo => demo::run(),
-        Cmd::Bench { reps, seconds } => bench::run(reps, seconds),
+        Cmd::Bench {
+            reps,
+            seconds,
+            agent_args,
+        } => bench::run(reps, seconds, agent_args),
         Cmd::Test { args } => test::run(&args),
         Cmd::VmVerify => vm_verify::run(),
     }

@@ -48,14 +48,7 @@ pub fn path<C: Frame>(ctx: &C, ip: &Ipv4Hdr) -> Path {
         // stack rewrites the packet it quotes too.
         Some(quoted) => reply_of(&quoted),
         None => match ports(ctx, ip) {
-            Some((sport, dport)) => FlowKey {
-                src: ip.src_addr,
-                dst: ip.dst_addr,
-                sport,
-                dport,
-                proto: ip.proto,
-                _pad: [0; 3],
-            },
+            Some(ports) => flow_of(ip, ports),
             None => return Path::Shortcut,
         },
     };
@@ -98,6 +91,19 @@ fn icmp_error_about<C: Frame>(ctx: &C, ip: &Ipv4Hdr) -> Option<FlowKey> {
     })
 }
 
+/// The flow of the packet `ip` with transport `(sport, dport)`.
+#[inline(always)]
+fn flow_of(ip: &Ipv4Hdr, (sport, dport): ([u8; 2], [u8; 2])) -> FlowKey {
+    FlowKey {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        sport,
+        dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// The key of the replies of `flow`.
 #[inline(always)]
 fn reply_of(flow: &FlowKey) -> FlowKey {
@@ -119,17 +125,10 @@ pub fn record<C: Frame>(ctx: &C, ip: &Ipv4Hdr) {
     if is_later_fragment(ip) || endpoint_of(&ip.src_addr).is_none() {
         return;
     }
-    let Some((sport, dport)) = ports(ctx, ip) else {
+    let Some(ports) = ports(ctx, ip) else {
         return;
     };
-    let key = reply_of(&FlowKey {
-        src: ip.src_addr,
-        dst: ip.dst_addr,
-        sport,
-        dport,
-        proto: ip.proto,
-        _pad: [0; 3],
-    });
+    let key = reply_of(&flow_of(ip, ports));
     // SAFETY: only tested for presence.
     if unsafe { STACK_FLOWS_V1.get(key) }.is_none() {
         let _ = STACK_FLOWS_V1.insert(key, 0, 0);

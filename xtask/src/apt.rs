@@ -1,0 +1,74 @@
+//! apt with sources and package lists of its own, for what the machine's configuration lacks:
+//! its sources have no deb-src entries, and source and binary packages the build takes files
+//! out of are downloaded, not installed. The machine's apt configuration stays untouched.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::cmd::run;
+
+/// The machine's own apt sources (deb822), whose archives the private copy uses.
+const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
+
+/// apt with sources and package lists of its own, below a directory: the machine's archives,
+/// binary and source, as the machine's own lists have no deb-src entries (and stay untouched).
+pub struct PrivateApt {
+    parts: PathBuf,
+    lists: PathBuf,
+}
+
+impl PrivateApt {
+    /// Writes the sources below `dir` and downloads their package lists.
+    pub fn new(dir: &Path) -> Result<PrivateApt> {
+        let apt = PrivateApt {
+            parts: dir.join("sources"),
+            lists: dir.join("lists"),
+        };
+        for d in [&apt.parts, &apt.lists.join("partial")] {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        // The machine's own archives (the release, its updates and security suites).
+        let sources = fs::read_to_string(DEBIAN_SOURCES).with_context(|| {
+            format!("reading {DEBIAN_SOURCES} (a Debian 12 machine's apt sources)")
+        })?;
+        let sources: String = sources
+            .lines()
+            .map(|line| match line.trim_end() {
+                "Types: deb" => "Types: deb deb-src\n".to_owned(),
+                other => format!("{other}\n"),
+            })
+            .collect();
+        let copy = apt.parts.join("debian.sources");
+        fs::write(&copy, sources).with_context(|| format!("writing {}", copy.display()))?;
+        run(apt.command(dir, &["update"])).context("apt-get update of private apt sources")?;
+        Ok(apt)
+    }
+
+    /// `apt-get args` on the private sources and lists, in `dir`.
+    pub fn command(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("apt-get");
+        cmd.current_dir(dir)
+            .arg("-q")
+            .args(["-o", "Dir::Etc::SourceList=/dev/null"])
+            .arg("-o")
+            .arg(format!("Dir::Etc::SourceParts={}", self.parts.display()))
+            .arg("-o")
+            .arg(format!("Dir::State::Lists={}", self.lists.display()))
+            // Downloads land in a directory only root can write; without this apt warns that it
+            // falls back from its unprivileged _apt user to root.
+            .args(["-o", "APT::Sandbox::User=root"])
+            .args(args);
+        cmd
+    }
+
+    /// Runs `apt-get args` in `dir` (created), where what it downloads lands.
+    pub fn download(&self, dir: &Path, args: &[&str]) -> Result<()> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        run(self.command(dir, args)).with_context(|| format!("apt-get {}", args.join(" ")))
+    }
+}
