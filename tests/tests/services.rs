@@ -136,13 +136,33 @@ fn check(
 }
 
 impl Lab {
-    /// The client pod to the ClusterIPs of Services whose backend is on its node (`same`), on
-    /// the other node (`other`), and itself (`hairpin`, which kube-proxy masquerades).
-    fn check_pod_to_cluster_ips(
+    /// The Services of the cases, at consecutive ClusterIPs from 10.96.0.`first`: backends on
+    /// the client's node, on the other node, the client itself, and a NodePort Service (ports
+    /// 30080 and 30053) with its backend on the other node.
+    fn services(&self, first: u8) -> [Service; 4] {
+        let ip = |i: u8| Ipv4Addr::new(10, 96, 0, first + i);
+        let mut node_port = Lab::service("node-port", ip(3), (&self.other_node, 1));
+        node_port.kind = ServiceType::NodePort;
+        node_port.ports[0].node_port = Some(30080);
+        node_port.ports[1].node_port = Some(30053);
+        [
+            Lab::service("same-node", ip(0), (&self.same_node, 0)),
+            Lab::service("other-node", ip(1), (&self.other_node, 1)),
+            Lab::service("hairpin", ip(2), (&self.client, 0)),
+            node_port,
+        ]
+    }
+
+    /// Every case: the client pod to the ClusterIPs of Services whose backend is on its node
+    /// (`same`), on the other node (`other`) and itself (`hairpin`, which kube-proxy
+    /// masquerades); the host outside the cluster to `node_port` on node1, its backend on node2;
+    /// node1 itself to `same` and `other`.
+    fn check_all(
         &self,
         same: &Service,
         other: &Service,
         hairpin: &Service,
+        node_port: &Service,
     ) -> Result<()> {
         let client = &self.client;
         check(
@@ -165,7 +185,34 @@ impl Lab {
             cluster_ip(hairpin),
             client,
             Seen::Masqueraded,
-        )
+        )?;
+        let node1 = &self.cluster.nodes[0];
+        let (tcp, udp) = (&node_port.ports[0], &node_port.ports[1]);
+        check(
+            "a host outside the cluster to a NodePort, backend on another node",
+            &self.outside,
+            (
+                SocketAddr::from((node1.ip, tcp.node_port.context("a TCP node port")?)),
+                SocketAddr::from((node1.ip, udp.node_port.context("a UDP node port")?)),
+            ),
+            &self.other_node,
+            Seen::Masqueraded,
+        )?;
+        for (what, svc, backend) in [
+            (
+                "the node itself to a ClusterIP, backend on it",
+                same,
+                &self.same_node,
+            ),
+            (
+                "the node itself to a ClusterIP, backend on another node",
+                other,
+                &self.other_node,
+            ),
+        ] {
+            check(what, &node1.ns, cluster_ip(svc), backend, Seen::Masqueraded)?;
+        }
+        Ok(())
     }
 }
 
@@ -188,25 +235,7 @@ fn services_through_kube_proxy_in_iptables_mode() -> Result<()> {
         .map(|(i, node)| KubeProxy::start(node, &Cluster::node_name(i), &cp))
         .collect::<Result<Vec<_>>>()?;
 
-    let same = Lab::service(
-        "same-node",
-        Ipv4Addr::new(10, 96, 0, 10),
-        (&lab.same_node, 0),
-    );
-    let other = Lab::service(
-        "other-node",
-        Ipv4Addr::new(10, 96, 0, 11),
-        (&lab.other_node, 1),
-    );
-    let hairpin = Lab::service("hairpin", Ipv4Addr::new(10, 96, 0, 12), (&lab.client, 0));
-    let mut node_port = Lab::service(
-        "node-port",
-        Ipv4Addr::new(10, 96, 0, 13),
-        (&lab.other_node, 1),
-    );
-    node_port.kind = ServiceType::NodePort;
-    node_port.ports[0].node_port = Some(30080);
-    node_port.ports[1].node_port = Some(30053);
+    let [same, other, hairpin, node_port] = lab.services(10);
     for svc in [&same, &other, &hairpin, &node_port] {
         cp.apply_service(svc)?;
         for proxy in &proxies {
@@ -217,31 +246,7 @@ fn services_through_kube_proxy_in_iptables_mode() -> Result<()> {
     let node1 = &lab.cluster.nodes[0];
     let stack_flows_before = node1.counter(Reason::PassStackFlow)?.packets;
     let client = &lab.client;
-    lab.check_pod_to_cluster_ips(&same, &other, &hairpin)?;
-    check(
-        "a host outside the cluster to a NodePort, backend on another node",
-        &lab.outside,
-        (
-            SocketAddr::from((node1.ip, 30080)),
-            SocketAddr::from((node1.ip, 30053)),
-        ),
-        &lab.other_node,
-        Seen::Masqueraded,
-    )?;
-    for (what, svc, backend) in [
-        (
-            "the node itself to a ClusterIP, backend on it",
-            &same,
-            &lab.same_node,
-        ),
-        (
-            "the node itself to a ClusterIP, backend on another node",
-            &other,
-            &lab.other_node,
-        ),
-    ] {
-        check(what, &node1.ns, cluster_ip(svc), backend, Seen::Masqueraded)?;
-    }
+    lab.check_all(&same, &other, &hairpin, &node_port)?;
     // The replies to the pod's own requests went back through node1's stack, where its
     // conntrack reversed kube-proxy's DNAT.
     assert!(
@@ -265,11 +270,14 @@ fn services_through_kube_proxy_in_iptables_mode() -> Result<()> {
 /// writes them: table `ip kube-proxy`; a `service-ips` map from address, protocol and port to a
 /// chain per Service port; that chain marks traffic from outside the cluster range for
 /// masquerade and picks an endpoint chain; the endpoint chain marks hairpin traffic and DNATs;
-/// a postrouting chain masquerades what was marked (mark 0x4000). Only the parts these tests
-/// exercise: ClusterIP Services with one endpoint each.
+/// a `service-nodeports` map sends a node's own address and a node port to an external chain,
+/// which marks for masquerade and goes on to the Service's chain; a postrouting chain
+/// masquerades what was marked (mark 0x4000). Only the parts these tests exercise: Services
+/// with one endpoint each.
 fn nft_ruleset(services: &[&Service]) -> String {
     let mut chains = String::new();
     let mut elements = Vec::new();
+    let mut node_ports = Vec::new();
     for svc in services {
         for port in &svc.ports {
             let backend = &svc.backends[0];
@@ -292,8 +300,23 @@ fn nft_ruleset(services: &[&Service]) -> String {
                 backend = backend.ip,
                 target = port.target_port,
             ));
+            if let Some(node_port) = port.node_port {
+                let external_chain = format!("external-{}-{proto}-{}", svc.name, port.name);
+                node_ports.push(format!("{proto} . {node_port} : goto {external_chain}"));
+                chains.push_str(&format!(
+                    "  chain {external_chain} {{\n\
+                     \x20   jump mark-for-masquerade\n\
+                     \x20   goto {service_chain}\n\
+                     \x20 }}\n"
+                ));
+            }
         }
     }
+    // nft refuses an empty set of elements.
+    let node_ports = match node_ports.is_empty() {
+        true => String::new(),
+        false => format!("elements = {{ {} }}", node_ports.join(", ")),
+    };
     format!(
         "table ip kube-proxy\n\
          delete table ip kube-proxy\n\
@@ -301,6 +324,10 @@ fn nft_ruleset(services: &[&Service]) -> String {
          \x20 map service-ips {{\n\
          \x20   type ipv4_addr . inet_proto . inet_service : verdict\n\
          \x20   elements = {{ {elements} }}\n\
+         \x20 }}\n\
+         \x20 map service-nodeports {{\n\
+         \x20   type inet_proto . inet_service : verdict\n\
+         \x20   {node_ports}\n\
          \x20 }}\n\
          \x20 chain mark-for-masquerade {{\n\
          \x20   mark set mark or 0x4000\n\
@@ -313,6 +340,7 @@ fn nft_ruleset(services: &[&Service]) -> String {
          \x20 }}\n\
          \x20 chain services {{\n\
          \x20   ip daddr . meta l4proto . th dport vmap @service-ips\n\
+         \x20   fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports\n\
          \x20 }}\n\
          \x20 chain nat-prerouting {{\n\
          \x20   type nat hook prerouting priority dstnat; policy accept;\n\
@@ -330,31 +358,14 @@ fn nft_ruleset(services: &[&Service]) -> String {
 #[test]
 fn services_through_rules_in_kube_proxys_nftables_shape() -> Result<()> {
     let lab = Lab::start()?;
-    let same = Lab::service(
-        "same-node",
-        Ipv4Addr::new(10, 96, 0, 20),
-        (&lab.same_node, 0),
-    );
-    let other = Lab::service(
-        "other-node",
-        Ipv4Addr::new(10, 96, 0, 21),
-        (&lab.other_node, 1),
-    );
-    let hairpin = Lab::service("hairpin", Ipv4Addr::new(10, 96, 0, 22), (&lab.client, 0));
-    let ruleset = nft_ruleset(&[&same, &other, &hairpin]);
+    let [same, other, hairpin, node_port] = lab.services(20);
+    let ruleset = nft_ruleset(&[&same, &other, &hairpin, &node_port]);
     for node in &lab.cluster.nodes {
         run_with_stdin(node.command("nft").args(["-f", "-"]), ruleset.as_bytes())
             .with_context(|| format!("loading the rules:\n{ruleset}"))?;
     }
 
-    lab.check_pod_to_cluster_ips(&same, &other, &hairpin)?;
-    check(
-        "the node itself to a ClusterIP, backend on another node",
-        &lab.cluster.nodes[0].ns,
-        cluster_ip(&other),
-        &lab.other_node,
-        Seen::Masqueraded,
-    )?;
+    lab.check_all(&same, &other, &hairpin, &node_port)?;
     // What the node's nftables hold, for a failing run's reader.
     let listed =
         run(lab.cluster.nodes[0]
