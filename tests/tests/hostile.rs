@@ -268,13 +268,29 @@ fn underlay_hosts_cannot_put_packets_into_the_overlay_past_generic_xdp() -> Resu
 
 #[test]
 fn underlay_hosts_cannot_put_packets_into_the_overlay_past_native_xdp() -> Result<()> {
-    let c = cluster_guarded_by(2, "native")?;
+    let mut c = cluster_guarded_by(2, "native")?;
     let link = xdp_on_underlay(&c.nodes[1])?;
     assert!(
         link.contains("xdp") && !link.contains("xdpgeneric"),
         "{link}"
     );
-    underlay_hosts_cannot_put_packets_into_the_overlay(&c)
+    underlay_hosts_cannot_put_packets_into_the_overlay(&c)?;
+
+    // The program stays while the agent is down, and its pin is all that holds it: removing the
+    // pin detaches it.
+    let node = &mut c.nodes[1];
+    node.stop_agent()?;
+    assert!(
+        xdp_on_underlay(node)?.contains("xdp"),
+        "kept with the agent down"
+    );
+    let pin = node
+        .pins()
+        .link(podwire_core::object::programs::FROM_NETDEV, "eth0");
+    std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    let link = xdp_on_underlay(node)?;
+    assert!(!link.contains("xdp"), "detached with its pin: {link}");
+    Ok(())
 }
 
 fn underlay_hosts_cannot_put_packets_into_the_overlay(c: &Cluster) -> Result<()> {
