@@ -1,15 +1,11 @@
 //! Pods wired as a container runtime wires them: the CNI plugin exec'd in the node's namespace
 //! with the CNI_* environment and the network configuration on stdin.
 
-use std::{
-    io::Write as _,
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-};
+use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::{ensure, Context as _, Result};
 
-use crate::{artifacts::bin, namespaces::NetNs, nodes::Node};
+use crate::{artifacts::bin, namespaces::NetNs, nodes::Node, processes::output_with_stdin};
 
 /// The CNI version the lab's configurations use (the newest the plugin speaks).
 pub const CNI_VERSION: &str = "1.1.0";
@@ -85,20 +81,8 @@ impl Node {
                 "CNI_PATH",
                 plugin.parent().expect("a binary lives in a directory"),
             )
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("exec podwire-cni")?;
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(stdin)
-            .context("writing the configuration")?;
-        let out = child
-            .wait_with_output()
-            .context("waiting for podwire-cni")?;
+            .envs(env.iter().copied());
+        let out = output_with_stdin(&mut cmd, stdin).context("exec podwire-cni")?;
         Ok(CniOutput {
             success: out.status.success(),
             stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),

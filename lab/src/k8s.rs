@@ -16,10 +16,10 @@
 use std::{
     ffi::OsStr,
     fs,
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -32,7 +32,7 @@ use crate::{
     artifacts::k8s_bin,
     namespaces::{is_stale, unique_name, NetNs},
     nodes::{Node, Underlay, CLUSTER_CIDR},
-    processes::{run, Daemon},
+    processes::{run, run_with_stdin, Daemon},
 };
 
 /// The Service range kube-apiserver allocates ClusterIPs from (10.96.0.1 is its own
@@ -231,25 +231,11 @@ impl ControlPlane {
             manifest["kind"].as_str().unwrap_or("object"),
             manifest["metadata"]["name"].as_str().unwrap_or_default()
         );
-        let mut child = self
-            .kubectl(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl apply")?;
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(manifest.to_string().as_bytes())
-            .with_context(|| format!("writing {what} to kubectl apply"))?;
-        let out = child.wait_with_output().context("waiting for kubectl")?;
-        ensure!(
-            out.status.success(),
-            "kubectl apply of {what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        run_with_stdin(
+            &mut self.kubectl(["apply", "-f", "-"]),
+            manifest.to_string().as_bytes(),
+        )
+        .with_context(|| format!("kubectl apply of {what}"))?;
         Ok(())
     }
 

@@ -32,6 +32,12 @@ fn succeeded(cmd: &Command, out: Output) -> Result<Output> {
 
 /// Runs `cmd` with `input` on its stdin, failing with its stderr unless it succeeds.
 pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Output> {
+    let out = output_with_stdin(cmd, input)?;
+    succeeded(cmd, out)
+}
+
+/// Runs `cmd` with `input` on its stdin and collects its output, whether it succeeds or not.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Output> {
     use std::io::Write as _;
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -45,7 +51,9 @@ pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<Output> {
         .expect("stdin is piped")
         .write_all(input)
         .with_context(|| format!("writing to {cmd:?}"))?;
-    succeeded(cmd, child.wait_with_output()?)
+    child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {cmd:?}"))
 }
 
 /// Waiting for a daemon's line is bounded only against hanging: tests never assert on time.
