@@ -182,11 +182,6 @@ pub fn udp_v4_ports(
     ipv4_frame(src_mac, src, dst, 17, &udp)
 }
 
-/// Sets the UDP destination port of a frame made by [`udp_v4`].
-pub fn set_udp_dst_port(frame: &mut [u8], port: u16) {
-    frame[ETH_LEN + 20 + 2..ETH_LEN + 20 + 4].copy_from_slice(&port.to_be_bytes());
-}
-
 /// A VXLAN header (flags: VNI valid) with `vni`, followed by `inner`: the UDP payload a node
 /// sends to another node's port 4789.
 pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 
-use crate::namespaces::NetNs;
+use crate::{namespaces::NetNs, packets};
 
 /// Bounds every blocking step against hanging; tests never assert on time.
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -146,6 +146,33 @@ pub fn send_frame(ns: &NetNs, iface: &str, frame: &[u8]) -> Result<()> {
         }
         Ok(())
     })?
+}
+
+/// Sends what an underlay host or a node can: from a socket bound to `from_ip` in `from`, a VXLAN
+/// packet with `vni` to node `to`'s port 4789, carrying UDP `payload` from `inner_src`:40000 to
+/// `inner_dst`:`port`.
+pub fn send_vxlan(
+    from: &NetNs,
+    from_ip: Ipv4Addr,
+    to: Ipv4Addr,
+    vni: u32,
+    (inner_src, inner_dst, port): (Ipv4Addr, Ipv4Addr, u16),
+    payload: &[u8],
+) -> Result<()> {
+    let inner = packets::udp_v4_ports(
+        [0x02, 0, 0, 0, 0, 9],
+        inner_src,
+        inner_dst,
+        (40000, port),
+        payload,
+    );
+    let socket = from
+        .run(|| UdpSocket::bind((from_ip, 0)))?
+        .with_context(|| format!("binding UDP on {from_ip}"))?;
+    socket
+        .send_to(&packets::vxlan(vni, &inner), (to, 4789))
+        .with_context(|| format!("sending VXLAN to {to}"))?;
+    Ok(())
 }
 
 /// A UDP socket bound to `ip` (any port) in `ns`, which waits a bounded time for datagrams.

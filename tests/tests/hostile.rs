@@ -3,7 +3,7 @@
 //! underlay hosts. Each is stopped, counted under its reason, and never reaches a pod or changes
 //! the node's routes; a control shows the same packet without the defect goes through.
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
 use podwire_common::Reason;
@@ -13,7 +13,7 @@ use podwire_lab::{
     namespaces::NetNs,
     nodes::{Cluster, ClusterSpec, Node, NodeAndPod},
     packets::{self, udp_v4_ports, ETH_8021AD, ETH_8021Q},
-    traffic::{receive, send_frame, udp_listener},
+    traffic::{receive, send_frame, send_vxlan, udp_listener},
 };
 
 const VNI: u32 = 42;
@@ -236,27 +236,6 @@ fn a_pod_cannot_claim_another_pods_address_with_arp() -> Result<()> {
     Ok(())
 }
 
-/// Sends, from a socket bound to `from_ip` in `from`, a VXLAN packet to node `to` with `vni`,
-/// carrying UDP from `inner_src` to `inner_dst`:`port`.
-fn send_vxlan(
-    from: &NetNs,
-    from_ip: Ipv4Addr,
-    to: Ipv4Addr,
-    vni: u32,
-    (inner_src, inner_dst, port): (Ipv4Addr, Ipv4Addr, u16),
-) -> Result<()> {
-    let inner = udp_v4_ports(
-        [0x02, 0, 0, 0, 0, 9],
-        inner_src,
-        inner_dst,
-        (40000, port),
-        b"tunnelled",
-    );
-    let socket = from.run(|| UdpSocket::bind((from_ip, 0)))??;
-    socket.send_to(&packets::vxlan(vni, &inner), (to, 4789))?;
-    Ok(())
-}
-
 #[test]
 fn underlay_hosts_cannot_put_packets_into_the_overlay_past_generic_xdp() -> Result<()> {
     // On a virtual underlay (veth), auto runs from_netdev in the stack.
@@ -309,6 +288,7 @@ fn underlay_hosts_cannot_put_packets_into_the_overlay(c: &Cluster) -> Result<()>
         node2.ip,
         VNI,
         (node1_pod, target.ip, port),
+        b"tunnelled",
     )?;
     let (_, from) = receive(&listener)?.context("the control arrives")?;
     assert_eq!(from.ip(), node1_pod);
@@ -321,6 +301,7 @@ fn underlay_hosts_cannot_put_packets_into_the_overlay(c: &Cluster) -> Result<()>
         node2.ip,
         VNI,
         (node1_pod, target.ip, port),
+        b"tunnelled",
     )?;
     assert_eq!(receive(&listener)?, None, "from a host that is no node");
     assert_eq!(count(node2, Reason::DropTunnelNotNode)?, before + 1);
@@ -333,6 +314,7 @@ fn underlay_hosts_cannot_put_packets_into_the_overlay(c: &Cluster) -> Result<()>
         node2.ip,
         VNI + 1,
         (node1_pod, target.ip, port),
+        b"tunnelled",
     )?;
     assert_eq!(receive(&listener)?, None, "with a foreign VNI");
     assert_eq!(count(node2, Reason::DropOverlayVni)?, before + 1);
@@ -349,6 +331,7 @@ fn underlay_hosts_cannot_put_packets_into_the_overlay(c: &Cluster) -> Result<()>
         node2.ip,
         VNI,
         (node1_pod, STRANGER, outside_port),
+        b"tunnelled",
     )?;
     assert_eq!(receive(&outside)?, None, "relayed to {STRANGER}");
     assert_eq!(count(node2, Reason::DropOverlayRelay)?, before + 1);

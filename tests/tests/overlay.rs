@@ -12,10 +12,9 @@ use nix::sys::signal::Signal;
 use podwire_common::Reason;
 use podwire_lab::{
     cni::Pod,
-    nodes::{Cluster, ClusterSpec, Node, BRIDGE},
-    packets::{self, set_udp_dst_port, udp_v4},
+    nodes::{Cluster, ClusterSpec, BRIDGE},
     processes::{run, Daemon},
-    traffic::{ping, tcp_echo},
+    traffic::{ping, send_vxlan, tcp_echo},
 };
 use serde_json::Value;
 
@@ -191,23 +190,6 @@ fn a_node_leaving_the_cluster_file_cuts_its_pods_off_and_coming_back_restores_th
     Ok(())
 }
 
-/// Sends a VXLAN packet by hand from `from`'s namespace to node `to`: inner IPv4/UDP from
-/// `inner_src` to `inner_dst`:`port`.
-fn send_vxlan(
-    from: &Node,
-    to: Ipv4Addr,
-    inner_src: Ipv4Addr,
-    inner_dst: Ipv4Addr,
-    port: u16,
-) -> Result<()> {
-    let mut inner = udp_v4([0x02, 0, 0, 0, 0, 9], inner_src, inner_dst, b"crafted");
-    set_udp_dst_port(&mut inner, port);
-    let ip = from.ip;
-    let socket = from.ns.run(|| UdpSocket::bind((ip, 0)))??;
-    socket.send_to(&packets::vxlan(VNI, &inner), (to, 4789))?;
-    Ok(())
-}
-
 #[test]
 fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() -> Result<()> {
     let c = cluster(3)?;
@@ -219,11 +201,12 @@ fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() -> Result<(
 
     // Control: the first node tunnelling from its own pod range (10.244.1.0/24) is delivered.
     send_vxlan(
-        &c.nodes[0],
+        &c.nodes[0].ns,
+        c.nodes[0].ip,
         Cluster::node_ip(1),
-        Ipv4Addr::new(10, 244, 1, 77),
-        target.ip,
-        port,
+        VNI,
+        (Ipv4Addr::new(10, 244, 1, 77), target.ip, port),
+        b"crafted",
     )?;
     let (n, from) = listener
         .recv_from(&mut buf)
@@ -236,11 +219,12 @@ fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() -> Result<(
     // The first node claiming an address of the third node's range.
     let before = c.nodes[1].counter(Reason::DropOverlaySpoofed)?.packets;
     send_vxlan(
-        &c.nodes[0],
+        &c.nodes[0].ns,
+        c.nodes[0].ip,
         Cluster::node_ip(1),
-        Ipv4Addr::new(10, 244, 3, 77),
-        target.ip,
-        port,
+        VNI,
+        (Ipv4Addr::new(10, 244, 3, 77), target.ip, port),
+        b"crafted",
     )?;
     assert!(
         listener.recv_from(&mut buf).is_err(),
