@@ -234,6 +234,13 @@ impl NodeEntry {
     pub const fn is_remote(&self) -> bool {
         matches!(self.kind(), Some(NodeKind::Remote))
     }
+
+    /// Whether this is another node's prefix and that node's underlay address is `addr`: what
+    /// makes `addr` a node allowed to tunnel packets from the prefix.
+    #[inline]
+    pub fn is_remote_at(&self, addr: [u8; 4]) -> bool {
+        self.is_remote() && self.addr == addr
+    }
 }
 
 #[cfg(feature = "user")]

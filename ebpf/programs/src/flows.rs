@@ -14,7 +14,7 @@ use network_types::{
     eth::EthHdr,
     ip::{IpProto, Ipv4Hdr},
 };
-use podwire_common::{FlowKey, MAX_STACK_FLOWS};
+use podwire_common::{FlowKey, Reason, MAX_STACK_FLOWS};
 
 use crate::{
     frame::Frame,
@@ -31,17 +31,17 @@ static STACK_FLOWS_V1: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(M
 pub enum Path {
     /// Deliver it: no recorded flow.
     Shortcut,
-    /// A reply in a flow the stack delivered.
-    StackFlow,
-    /// A fragment: only the stack reassembles.
-    Fragment,
+    /// Hand it to the stack, counted under the reason: [`Reason::PassStackFlow`] for a reply in a
+    /// flow the stack delivered, [`Reason::PassFragment`] for a fragment (only the stack
+    /// reassembles).
+    Stack(Reason),
 }
 
 /// Where the IPv4 packet `ip`, bound for a pod on this node, must go.
 #[inline(always)]
 pub fn path<C: Frame>(ctx: &C, ip: &Ipv4Hdr) -> Path {
     if is_fragment(ip) {
-        return Path::Fragment;
+        return Path::Stack(Reason::PassFragment);
     }
     let key = match icmp_error_about(ctx, ip) {
         // An ICMP error about a packet the stack delivered belongs to that packet's flow: the
@@ -54,7 +54,7 @@ pub fn path<C: Frame>(ctx: &C, ip: &Ipv4Hdr) -> Path {
     };
     // SAFETY: the value is only tested for presence.
     match unsafe { STACK_FLOWS_V1.get(key) } {
-        Some(_) => Path::StackFlow,
+        Some(_) => Path::Stack(Reason::PassStackFlow),
         None => Path::Shortcut,
     }
 }
@@ -81,14 +81,7 @@ fn icmp_error_about<C: Frame>(ctx: &C, ip: &Ipv4Hdr) -> Option<FlowKey> {
         return None;
     }
     let ports: &[[u8; 2]; 2] = header(ctx, icmp + 8 + Ipv4Hdr::LEN)?;
-    Some(FlowKey {
-        src: quoted.src_addr,
-        dst: quoted.dst_addr,
-        sport: ports[0],
-        dport: ports[1],
-        proto: quoted.proto,
-        _pad: [0; 3],
-    })
+    Some(flow_of(quoted, (ports[0], ports[1])))
 }
 
 /// The flow of the packet `ip` with transport `(sport, dport)`.

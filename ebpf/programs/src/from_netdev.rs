@@ -43,14 +43,11 @@ fn tunnel_packet(ctx: &XdpContext) -> Result<Reason, Reason> {
     if u16::from_ne_bytes(udp.dst) != VXLAN_PORT.load() {
         return Ok(Reason::PassUnderlay);
     }
-    match node_of(ip.src_addr) {
-        Some(node) if node.is_remote() && node.addr == ip.src_addr => {}
-        _ => return Err(Reason::DropTunnelNotNode),
+    if !node_of(ip.src_addr).is_some_and(|node| node.is_remote_at(ip.src_addr)) {
+        return Err(Reason::DropTunnelNotNode);
     }
     let vxlan: &VxlanHdr = header(ctx, udp_at + UdpHdr::LEN).ok_or(Reason::DropMalformed)?;
-    let [a, b, c] = vxlan.vni;
-    let vni = u32::from_be_bytes([0, a, b, c]);
-    if vxlan.flags & network_types::vxlan::VXLAN_I_FLAG_MASK == 0 || vni != VNI.load() {
+    if !vxlan.vni_present() || vxlan.vni() != VNI.load() {
         return Err(Reason::DropOverlayVni);
     }
     Ok(Reason::PassTunnel)

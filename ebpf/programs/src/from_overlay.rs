@@ -54,20 +54,17 @@ fn try_from_overlay<R: Remote>(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let remote = tunnelled.remote;
     // Only IPv4 is tunnelled: anything else claims to be what no node sends.
     let (_, ip) = eth_ipv4(ctx)?.ok_or(SPOOFED)?;
-    match node_of(ip.src_addr) {
-        Some(node) if node.is_remote() && node.addr == remote => {}
-        _ => {
-            debug!(
-                ctx,
-                "from_overlay: drop, {:i} from {:i} is not that node's",
-                ip.src_addr(),
-                core::net::Ipv4Addr::from(remote)
-            );
-            return Err(SPOOFED);
-        }
+    if !node_of(ip.src_addr).is_some_and(|node| node.is_remote_at(remote)) {
+        debug!(
+            ctx,
+            "from_overlay: drop, {:i} from {:i} is not that node's",
+            ip.src_addr(),
+            core::net::Ipv4Addr::from(remote)
+        );
+        return Err(SPOOFED);
     }
     if let Some(dest) = endpoint_of(&ip.dst_addr) {
-        let reason = match flows::path(ctx, ip) {
+        return match flows::path(ctx, ip) {
             Path::Shortcut => {
                 debug!(
                     ctx,
@@ -75,12 +72,10 @@ fn try_from_overlay<R: Remote>(ctx: &TcContext) -> Result<Outcome, Outcome> {
                     ip.src_addr(),
                     ip.dst_addr()
                 );
-                return deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay);
+                deliver::to_endpoint(ctx, ip, dest, Reason::RedirectFromOverlay)
             }
-            Path::StackFlow => Reason::PassStackFlow,
-            Path::Fragment => Reason::PassFragment,
+            Path::Stack(reason) => to_stack(ctx, reason),
         };
-        return to_stack(ctx, reason);
     }
     if ip.dst_addr == NODE_ADDR.load() {
         return to_stack(ctx, Reason::PassToStack);

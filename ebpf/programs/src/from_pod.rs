@@ -125,8 +125,7 @@ fn from_pod_ipv4(ctx: &TcContext, eth: &EthHdr, ip: &Ipv4Hdr) -> Result<Outcome,
                 );
                 deliver::to_endpoint(ctx, ip, dest, Reason::RedirectLocal)
             }
-            Path::StackFlow => Ok((Reason::PassStackFlow, TC_OK)),
-            Path::Fragment => Ok((Reason::PassFragment, TC_OK)),
+            Path::Stack(reason) => Ok((reason, TC_OK)),
         };
     }
     if let Some(node) = node_of(ip.dst_addr) {
