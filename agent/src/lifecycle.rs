@@ -272,7 +272,7 @@ impl Agent {
 }
 
 /// The endpoint map entry `veth` calls for: its host side's ifindex as it is now, and both MACs.
-fn endpoint_of(ip: Ipv4Addr, veth: &VethPair) -> Result<Endpoint, LifecycleError> {
+pub fn endpoint_of(ip: Ipv4Addr, veth: &VethPair) -> Result<Endpoint, LifecycleError> {
     let ifindex = nix::net::if_::if_nametoindex(veth.host_ifname.as_str()).map_err(|errno| {
         LifecycleError::NoHostVeth {
             veth: veth.host_ifname.clone(),

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use podwire_core::{object::programs, pins::Pins};
 use podwire_datapath::{AttachError, Datapath, Tunnel, XdpMode};
-use podwire_netlink::{overlay::VxlanDevice, Netlink, NetlinkError};
+use podwire_netlink::{disable_ipv6, overlay::VxlanDevice, Netlink, NetlinkError};
 
 /// The agent's VXLAN device.
 pub const VXLAN_DEV: &str = "pw-vxlan";
@@ -74,10 +74,7 @@ impl Overlay {
             })
             .await?;
         // No IPv6 on the device: nothing would carry it (the programs tunnel IPv4 only).
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv6/conf/{VXLAN_DEV}/disable_ipv6"),
-            "1",
-        );
+        let _ = disable_ipv6(VXLAN_DEV);
         Ok(Overlay {
             config,
             underlay_virtual: underlay.kind.is_some(),

@@ -13,4 +13,4 @@ pub mod overlay;
 pub mod pod;
 
 pub use error::{NetlinkError, Op};
-pub use link::{Link, LinkRef, Netlink};
+pub use link::{disable_ipv6, Link, LinkRef, Netlink};

@@ -1,5 +1,5 @@
-//! Netlink connections, the one link lookup (by name or index) every operation uses, and the
-//! listings the other modules share.
+//! Netlink connections, the one link lookup (by name or index) every operation uses, the listings
+//! the other modules share, and turning IPv6 off on a link.
 
 use std::{fs::File, net::Ipv4Addr};
 
@@ -176,5 +176,17 @@ impl Netlink {
 
     pub(crate) fn handle(&self) -> &Handle {
         &self.handle
+    }
+}
+
+/// Turns IPv6 off on the link `ifname` of the calling thread's namespace; nothing to do where
+/// the kernel has no IPv6.
+pub fn disable_ipv6(ifname: &str) -> Result<(), NetlinkError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(NetlinkError::Sysctl { path, source: e })
+        }
+        _ => Ok(()),
     }
 }

@@ -28,7 +28,7 @@ use rtnetlink::{
 
 use crate::{
     error::{NetlinkError, Op},
-    link::{LinkRef, Netlink},
+    link::{disable_ipv6, LinkRef, Netlink},
 };
 
 /// The pods' gateway: link-local, the same on every node, never on the wire.
@@ -75,18 +75,6 @@ impl PodNetns {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
-    }
-}
-
-/// Turns IPv6 off on the link `ifname` of the calling thread's namespace; nothing to do where
-/// the kernel has no IPv6.
-fn disable_ipv6(ifname: &str) -> Result<(), NetlinkError> {
-    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
-    match std::fs::write(&path, "1") {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(NetlinkError::Sysctl { path, source: e })
-        }
-        _ => Ok(()),
     }
 }
 

@@ -268,21 +268,11 @@ async fn wire_pod(host: &Netlink, host_if: &'static str, ip: Ipv4Addr) -> Result
     let veth = create(host, &pod_netns, want)
         .await
         .with_context(|| format!("wiring {host_if} and {POD_IF} for {ip}"))?;
-    let ifindex = host
-        .existing_link(host_if)
-        .await
-        .with_context(|| format!("ifindex of {host_if}"))?
-        .index;
     Ok(Pod {
         ns,
         ip,
         host_if,
-        endpoint: Endpoint {
-            ifindex,
-            flags: 0,
-            pod_mac: veth.pod_mac.0,
-            host_mac: veth.host_mac.0,
-        },
+        endpoint: podwire_agent::lifecycle::endpoint_of(ip, &veth)?,
     })
 }
 
