@@ -6,10 +6,10 @@ use std::{io, path::Path};
 
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink},
         tc::{self, SchedClassifierLink},
         xdp::{XdpLink, XdpMode},
-        TcAttachType,
+        ProgramError, TcAttachType,
     },
     util::KernelVersion,
 };
@@ -37,14 +37,14 @@ pub enum AttachError {
         iface: String,
         direction: TcAttachType,
         #[source]
-        source: Box<aya::programs::ProgramError>,
+        source: Box<ProgramError>,
     },
     /// The kernel refused `from_netdev` on the underlay interface, native and generic.
     #[error("program from_netdev: attaching XDP to {iface}")]
     Xdp {
         iface: String,
         #[source]
-        source: Box<aya::programs::ProgramError>,
+        source: Box<ProgramError>,
     },
     /// The program could not be swapped into the link pinned for its hook.
     #[error("program {program}: replacing the program of the link pinned at {path}")]
@@ -52,7 +52,7 @@ pub enum AttachError {
         program: &'static str,
         path: String,
         #[source]
-        source: Box<aya::programs::ProgramError>,
+        source: Box<ProgramError>,
     },
     /// A link could not be pinned, opened from its pin, or unpinned.
     #[error("pinned link {path}")]
@@ -138,36 +138,22 @@ impl Datapath {
     /// Kernels before 6.6 have no tc links to pin: the netlink filter simply stays (it holds the
     /// program), and an existing one is replaced by detaching and attaching again.
     pub fn attach_pinned(&mut self, hook: Hook<'_>, pin: &Path) -> Result<(), AttachError> {
-        let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Pin {
-            path: pin.display().to_string(),
-            source,
-        };
         if !tcx_supported() {
             // Ignoring NotFound: there was no filter to replace.
             let _ = tc::qdisc_detach_program(hook.iface, hook.direction, hook.program);
             std::mem::forget(self.attach_link(hook)?);
             return Ok(());
         }
-        match PinnedLink::from_pin(pin) {
-            Ok(pinned) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| pin_err(e.into()))?;
+        match open_pinned::<SchedClassifierLink>(pin)? {
+            Some(link) => {
                 let program = self.classifier(hook.program)?;
                 let id = program
                     .attach_to_link(link)
-                    .map_err(|source| AttachError::Replace {
-                        program: hook.program,
-                        path: pin.display().to_string(),
-                        source: source.into(),
-                    })?;
+                    .map_err(|source| replace_error(hook.program, pin, source))?;
                 // Closing our descriptor leaves the pinned link attached.
                 drop(program.take_link(id));
             }
-            Err(_) => {
-                let link = self.attach_link(hook)?;
-                let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
-                fd_link.pin(pin).map_err(|e| pin_err(e.into()))?;
-            }
+            None => pin_link(self.attach_link(hook)?, pin)?,
         }
         Ok(())
     }
@@ -175,10 +161,7 @@ impl Datapath {
     /// Removes the link pinned at `pin`, detaching its program (no-op when there is none).
     pub fn detach_pinned(pin: &Path) -> Result<(), AttachError> {
         match std::fs::remove_file(pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(AttachError::Pin {
-                path: pin.display().to_string(),
-                source: e.into(),
-            }),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(pin_error(pin, e)),
             _ => Ok(()),
         }
     }
@@ -194,27 +177,18 @@ impl Datapath {
         pin: &Path,
         mode: XdpMode,
     ) -> Result<Option<XdpMode>, AttachError> {
-        let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| AttachError::Pin {
-            path: pin.display().to_string(),
-            source,
-        };
         let program = self
             .from_netdev()
             .map_err(|_| AttachError::NoProgram(programs::FROM_NETDEV))?;
-        if let Ok(pinned) = PinnedLink::from_pin(pin) {
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.into()))?;
+        if let Some(link) = open_pinned::<XdpLink>(pin)? {
             let id = program
                 .attach_to_link(link)
-                .map_err(|source| AttachError::Replace {
-                    program: programs::FROM_NETDEV,
-                    path: pin.display().to_string(),
-                    source: source.into(),
-                })?;
+                .map_err(|source| replace_error(programs::FROM_NETDEV, pin, source))?;
             // Closing our descriptor leaves the pinned link attached.
             drop(program.take_link(id));
             return Ok(None);
         }
-        let attach_err = |source: aya::programs::ProgramError| AttachError::Xdp {
+        let attach_err = |source: ProgramError| AttachError::Xdp {
             iface: iface.into(),
             source: source.into(),
         };
@@ -229,9 +203,7 @@ impl Datapath {
             },
             mode => (program.attach(iface, mode).map_err(attach_err)?, mode),
         };
-        let link = program.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
-        fd_link.pin(pin).map_err(|e| pin_err(e.into()))?;
+        pin_link(program.take_link(id).map_err(attach_err)?, pin)?;
         Ok(Some(mode))
     }
 
@@ -254,7 +226,7 @@ impl Datapath {
             }
         }
         let program = self.classifier(name)?;
-        let attach_err = |source: aya::programs::ProgramError| AttachError::Attach {
+        let attach_err = |source: ProgramError| AttachError::Attach {
             program: name,
             iface: iface.into(),
             direction,
@@ -269,5 +241,46 @@ impl Datapath {
         name: &'static str,
     ) -> Result<&mut aya::programs::SchedClassifier, AttachError> {
         self.program(name).map_err(|_| AttachError::NoProgram(name))
+    }
+}
+
+/// The link pinned at `pin` as a link of type `L`; `None` when nothing is pinned there.
+fn open_pinned<L>(pin: &Path) -> Result<Option<L>, AttachError>
+where
+    L: TryFrom<FdLink, Error = LinkError>,
+{
+    let Ok(pinned) = PinnedLink::from_pin(pin) else {
+        return Ok(None);
+    };
+    L::try_from(FdLink::from(pinned))
+        .map(Some)
+        .map_err(|e| pin_error(pin, e))
+}
+
+/// Pins `link` at `pin`, where it outlives this process.
+fn pin_link<L>(link: L, pin: &Path) -> Result<(), AttachError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let fd_link = FdLink::try_from(link).map_err(|e| pin_error(pin, e))?;
+    fd_link.pin(pin).map_err(|e| pin_error(pin, e))?;
+    Ok(())
+}
+
+fn pin_error(
+    pin: &Path,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> AttachError {
+    AttachError::Pin {
+        path: pin.display().to_string(),
+        source: source.into(),
+    }
+}
+
+fn replace_error(program: &'static str, pin: &Path, source: ProgramError) -> AttachError {
+    AttachError::Replace {
+        program,
+        path: pin.display().to_string(),
+        source: source.into(),
     }
 }
