@@ -60,6 +60,15 @@ pub struct Pod {
     pub result: serde_json::Value,
 }
 
+impl Pod {
+    /// The host side of the pod's veth, as the ADD result names it (its first interface).
+    pub fn host_veth(&self) -> Result<&str> {
+        self.result["interfaces"][0]["name"]
+            .as_str()
+            .with_context(|| format!("no host veth in the ADD result {}", self.result))
+    }
+}
+
 impl Node {
     /// podwire's network configuration for this node (no `mtu`: the node's applies).
     pub fn conf(&self) -> serde_json::Value {

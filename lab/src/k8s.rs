@@ -30,7 +30,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     artifacts::k8s_bin,
-    namespaces::{is_stale, unique_name, NetNs},
+    namespaces::{command_in, sweep_stale, unique_name, NetNs},
     nodes::{Node, Underlay, CLUSTER_CIDR},
     processes::{run, run_with_stdin, Daemon},
 };
@@ -578,10 +578,8 @@ impl KubeProxy {
 
     /// `iptables-save -t <table>` in the node's namespace.
     pub fn iptables_save(&self, table: &str) -> Result<String> {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.netns.display()))
-            .args(["iptables-save", "-t", table]);
-        Ok(String::from_utf8(run(&mut cmd)?.stdout)?)
+        let mut cmd = command_in(&self.netns, "iptables-save");
+        Ok(String::from_utf8(run(cmd.args(["-t", table]))?.stdout)?)
     }
 
     /// Waits until the node's rules for `svc` are all there, for exactly its backends (after
@@ -659,16 +657,7 @@ fn is_running(pid: u32) -> bool {
 fn lab_dir(role: &str) -> Result<tempfile::TempDir> {
     static SWEEP: std::sync::Once = std::sync::Once::new();
     let tmp = std::env::temp_dir();
-    SWEEP.call_once(|| {
-        let Ok(entries) = fs::read_dir(&tmp) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            if is_stale(&entry.file_name().to_string_lossy()) {
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
-    });
+    SWEEP.call_once(|| sweep_stale(&tmp));
     tempfile::Builder::new()
         .prefix(&unique_name(role))
         .rand_bytes(0)

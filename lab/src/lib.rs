@@ -33,3 +33,19 @@ pub fn require_root() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Polls `probe` for up to `within` until it holds; whether it did. The bound is against
+/// hanging and for what must not happen: tests never assert on time.
+pub fn eventually(
+    within: std::time::Duration,
+    mut probe: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<bool> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if probe()? {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(false)
+}

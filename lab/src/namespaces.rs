@@ -36,13 +36,33 @@ pub(crate) fn unique_name(role: &str) -> String {
 }
 
 /// Whether `name` is a lab name of a process that no longer runs.
-pub(crate) fn is_stale(name: &str) -> bool {
+fn is_stale(name: &str) -> bool {
     let pid = name
         .strip_prefix(PREFIX)
         .and_then(|rest| rest.strip_prefix('-'))
         .and_then(|rest| rest.rsplit('-').nth(1))
         .and_then(|pid| pid.parse::<u32>().ok());
     pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes what lab processes that no longer run left in `dir` (see [`is_stale`]).
+pub(crate) fn sweep_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if is_stale(&entry.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A command running `program` in the network namespace at `netns` only (see
+/// [`NetNs::command`]).
+pub(crate) fn command_in(netns: &Path, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display())).arg(program);
+    cmd
 }
 
 impl NetNs {
@@ -99,10 +119,7 @@ impl NetNs {
     /// A command running `program` in this namespace's network only, not in a mount namespace of
     /// its own as `ip netns exec` would: bpffs pins stay visible, as on a real node.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display()))
-            .arg(program);
-        cmd
+        command_in(&self.path(), program)
     }
 
     /// Runs `f` on a thread that has entered this namespace; sockets and netlink connections

@@ -20,7 +20,7 @@ use podwire_datapath::{Counters, DatapathMap as _, Endpoints};
 
 use crate::{
     artifacts::bin,
-    namespaces::{is_stale, unique_name, NetNs},
+    namespaces::{sweep_stale, unique_name, NetNs},
     processes::{run, Daemon},
 };
 
@@ -31,16 +31,7 @@ pub struct PinRoot(PathBuf);
 impl PinRoot {
     pub fn new() -> PinRoot {
         static SWEEP: std::sync::Once = std::sync::Once::new();
-        SWEEP.call_once(|| {
-            let Ok(entries) = std::fs::read_dir(podwire_core::pins::BPFFS) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                if is_stale(&entry.file_name().to_string_lossy()) {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
-            }
-        });
+        SWEEP.call_once(|| sweep_stale(Path::new(podwire_core::pins::BPFFS)));
         PinRoot(Path::new(podwire_core::pins::BPFFS).join(unique_name("pins")))
     }
 

@@ -27,9 +27,7 @@ pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> Vec<u8> {
 
 /// An ARP frame from `src_mac` with a zero payload (no valid Ethernet/IPv4 ARP).
 pub fn arp(src_mac: [u8; 6]) -> Vec<u8> {
-    let mut frame = eth([0xff; 6], src_mac, ETH_ARP);
-    frame.extend_from_slice(&[0; 28]);
-    frame
+    ether(src_mac, ETH_ARP, 28)
 }
 
 /// An Ethernet/IPv4 ARP request, broadcast from `src_mac`, whose sender is `sha`/`spa`, asking
@@ -145,12 +143,13 @@ pub fn ipv4_frame(
 /// A tunnel packet as it arrives on a node's underlay interface: Ethernet, IPv4 from `src` to
 /// `dst`, UDP to port `port`, VXLAN with `vni`, then `inner`.
 pub fn vxlan_frame(src: Ipv4Addr, dst: Ipv4Addr, port: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
-    let mut udp = 4789u16.to_be_bytes().to_vec();
-    udp.extend_from_slice(&port.to_be_bytes());
-    udp.extend_from_slice(&((8 + 8 + inner.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&vxlan(vni, inner));
-    ipv4_frame([0x02, 0, 0, 0, 0, 0x77], src, dst, 17, &udp)
+    udp_v4_ports(
+        [0x02, 0, 0, 0, 0, 0x77],
+        src,
+        dst,
+        (4789, port),
+        &vxlan(vni, inner),
+    )
 }
 
 /// Recomputes the IPv4 header checksum of an Ethernet + IPv4 frame (20-byte header).

@@ -126,22 +126,18 @@ impl Daemon {
         }
     }
 
-    /// Sends `signal` and waits for the process to exit, returning its status and the rest of
-    /// its stderr.
-    pub fn stop(mut self, signal: Signal) -> Result<(ExitStatus, Vec<String>)> {
+    /// Sends `signal` and waits for the process to exit ([`Daemon::wait`]).
+    pub fn stop(self, signal: Signal) -> Result<(ExitStatus, Vec<String>)> {
         let pid = Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, signal).with_context(|| format!("sending {signal}"))?;
-        let status = self.child.wait()?;
-        let mut rest = std::mem::take(&mut self.seen);
-        // The reader thread ends at EOF, after the process exits.
-        rest.extend(self.lines.iter());
-        Ok((status, rest))
+        self.wait()
     }
 
     /// Waits for the process to exit by itself, returning its status and all of its stderr.
     pub fn wait(mut self) -> Result<(ExitStatus, Vec<String>)> {
         let status = self.child.wait()?;
         let mut all = std::mem::take(&mut self.seen);
+        // The reader thread ends at EOF, after the process exits.
         all.extend(self.lines.iter());
         Ok((status, all))
     }

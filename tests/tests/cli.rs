@@ -363,7 +363,8 @@ fn endpoints_and_counters_of_pods_wired_by_the_plugin_with_the_agent_down() -> R
     for (row, pod) in endpoints.iter().zip([&a, &b]) {
         assert_eq!(row["ip"], pod.ip.to_string());
         assert_eq!(
-            row["host_veth"], pod.result["interfaces"][0]["name"],
+            row["host_veth"],
+            pod.host_veth()?,
             "ifindex resolved to the veth"
         );
         assert_eq!(row["host_mac"], pod.result["interfaces"][0]["mac"]);

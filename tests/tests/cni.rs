@@ -5,7 +5,6 @@
 use std::{
     net::{IpAddr, Ipv4Addr, UdpSocket},
     process::Output,
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -16,7 +15,7 @@ use podwire_lab::{
     namespaces::NetNs,
     nodes::Node,
     processes::run,
-    traffic::{ping, tcp_echo},
+    traffic::{ping, receive, tcp_echo, udp_listener},
 };
 use serde_json::Value;
 
@@ -75,9 +74,7 @@ fn add_result_follows_the_spec_and_the_pod_is_addressed_as_it_says() -> Result<(
     assert_eq!(link[0]["mtu"], 1400, "the pod's interface has it");
     assert!(node.cni("DEL", &env, conf.to_string().as_bytes())?.success);
 
-    let host_veth = r["interfaces"][0]["name"]
-        .as_str()
-        .context("host veth name")?;
+    let host_veth = pod.host_veth()?;
     assert_eq!(node.host_veths()?, [host_veth]);
 
     // What the result claims is what the pod has.
@@ -141,9 +138,7 @@ fn pods_reach_each_other_with_forwarding_off_through_the_ebpf_path() -> Result<(
     // cnitool's DEL goes through the chain too (and clears its cache in /var/lib/cni).
     for pod in &pods[3..] {
         cnitool.run(&node, "del", &pod.ns)?;
-        let veth = pod.result["interfaces"][0]["name"]
-            .as_str()
-            .context("host veth name")?;
+        let veth = pod.host_veth()?;
         assert!(
             !node.host_veths()?.iter().any(|v| v == veth),
             "cnitool del removed {veth}"
@@ -181,8 +176,7 @@ fn a_pod_sending_with_another_pods_address_is_dropped_and_counted() -> Result<()
     let a = node.add_pod("c-spoof-a")?;
     let b = node.add_pod("c-spoof-b")?;
     let c = node.add_pod("c-spoof-c")?;
-    let listener = c.ns.run(|| UdpSocket::bind((c.ip, 0)))??;
-    listener.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let listener = udp_listener(&c.ns, c.ip)?;
     let target = listener.local_addr()?;
 
     // a takes b's address on top of its own and sends from it.
@@ -192,9 +186,9 @@ fn a_pod_sending_with_another_pods_address_is_dropped_and_counted() -> Result<()
     for _ in 0..3 {
         spoofer.send_to(b"not from b", target)?;
     }
-    let mut buf = [0u8; 64];
-    assert!(
-        listener.recv_from(&mut buf).is_err(),
+    assert_eq!(
+        receive(&listener)?,
+        None,
         "spoofed datagram must not arrive"
     );
     let after = node.counter(Reason::DropSpoofedIp)?;
@@ -225,10 +219,11 @@ fn a_pod_sending_with_another_pods_address_is_dropped_and_counted() -> Result<()
     // a's own address still works.
     let honest = a.ns.run(|| UdpSocket::bind((a.ip, 0)))??;
     honest.send_to(b"from a", target)?;
-    let (n, from) = listener
-        .recv_from(&mut buf)
-        .context("a's own datagram arrives")?;
-    assert_eq!((&buf[..n], from.ip()), (&b"from a"[..], IpAddr::V4(a.ip)));
+    let (payload, from) = receive(&listener)?.context("a's own datagram arrives")?;
+    assert_eq!(
+        (&payload[..], from.ip()),
+        (&b"from a"[..], IpAddr::V4(a.ip))
+    );
     Ok(())
 }
 
@@ -237,10 +232,7 @@ fn del_then_add_again_reuses_no_stale_state() -> Result<()> {
     let node = node()?;
     let peer = node.add_pod("c-peer")?;
     let first = node.add_pod("c-cycle")?;
-    let first_veth = first.result["interfaces"][0]["name"]
-        .as_str()
-        .context("host veth name")?
-        .to_owned();
+    let first_veth = first.host_veth()?.to_owned();
     assert!(ping(&first.ns, peer.ip)?);
 
     let del = node.cni_pod("DEL", "c-cycle", Some(&first.ns))?;
@@ -312,10 +304,7 @@ fn gc_removes_attachments_the_runtime_no_longer_has() -> Result<()> {
     let node = node()?;
     let keep = node.add_pod("c-keep")?;
     let stale = node.add_pod("c-stale")?;
-    let stale_veth = stale.result["interfaces"][0]["name"]
-        .as_str()
-        .context("host veth name")?
-        .to_owned();
+    let stale_veth = stale.host_veth()?.to_owned();
     let mut conf = node.conf();
     conf["cni.dev/valid-attachments"] =
         serde_json::json!([{ "containerID": "c-keep", "ifname": "eth0" }]);

@@ -3,13 +3,14 @@
 //! underlay hosts. Each is stopped, counted under its reason, and never reaches a pod or changes
 //! the node's routes; a control shows the same packet without the defect goes through.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use podwire_common::Reason;
 use podwire_core::mac::Mac;
 use podwire_lab::{
     cni::Pod,
+    eventually,
     namespaces::NetNs,
     nodes::{Cluster, ClusterSpec, Node, NodeAndPod},
     packets::{self, udp_v4_ports, ETH_8021AD, ETH_8021Q},
@@ -138,13 +139,7 @@ fn has_learnt_routes(ns: &NetNs) -> Result<bool> {
 
 /// Bounded wait for `ns` to act on an advertisement.
 fn learns_routes(ns: &NetNs) -> Result<bool> {
-    for _ in 0..20 {
-        if has_learnt_routes(ns)? {
-            return Ok(true);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    Ok(false)
+    eventually(Duration::from_secs(2), || has_learnt_routes(ns))
 }
 
 #[test]
@@ -173,10 +168,7 @@ fn a_pods_router_advertisement_never_reaches_its_node() -> Result<()> {
     );
 
     // Even with IPv6 back on at the host side (the plugin turns it off), from_pod stops it.
-    let veth = pod.result["interfaces"][0]["name"]
-        .as_str()
-        .context("the host veth")?
-        .to_owned();
+    let veth = pod.host_veth()?.to_owned();
     podwire_lab::processes::run(
         node.command("sysctl")
             .args(["-qw", &format!("net.ipv6.conf.{veth}.disable_ipv6=0")]),
@@ -197,10 +189,7 @@ fn a_pod_cannot_claim_another_pods_address_with_arp() -> Result<()> {
     let attacker = node.add_pod("h-arp-attacker")?;
     let victim = node.add_pod("h-arp-victim")?;
     let (mac, _) = macs(&attacker)?;
-    let veth = attacker.result["interfaces"][0]["name"]
-        .as_str()
-        .context("the host veth")?
-        .to_owned();
+    let veth = attacker.host_veth()?.to_owned();
     // Asking for the node's own address makes the node learn the sender's address and MAC.
     let neighbours = || -> Result<String> {
         Ok(String::from_utf8(

@@ -2,9 +2,9 @@
 //! file, pods wired by the CNI plugin; traffic crosses nodes in podwire's VXLAN tunnel.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -12,9 +12,10 @@ use nix::sys::signal::Signal;
 use podwire_common::Reason;
 use podwire_lab::{
     cni::Pod,
+    eventually,
     nodes::{Cluster, ClusterSpec, BRIDGE},
     processes::{run, Daemon},
-    traffic::{ping, send_vxlan, tcp_echo},
+    traffic::{ping, receive, send_vxlan, tcp_echo, udp_listener},
 };
 use serde_json::Value;
 
@@ -30,17 +31,8 @@ fn cluster(nodes: usize) -> Result<Cluster> {
     })
 }
 
-/// Waits (bounded) until `probe` holds; whether it did.
-fn eventually(mut probe: impl FnMut() -> Result<bool>) -> Result<bool> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if probe()? {
-            return Ok(true);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(false)
-}
+/// How long a node's change may take to show in traffic.
+const SETTLE: Duration = Duration::from_secs(20);
 
 #[test]
 fn pods_on_different_nodes_talk_through_the_tunnel_with_forwarding_off() -> Result<()> {
@@ -174,7 +166,7 @@ fn a_node_leaving_the_cluster_file_cuts_its_pods_off_and_coming_back_restores_th
     c.write_members(&[0, 1])?;
     let before = c.nodes[0].counter(Reason::DropNoNode)?.packets;
     assert!(
-        eventually(|| Ok(!ping(&a.ns, far.ip)?))?,
+        eventually(SETTLE, || Ok(!ping(&a.ns, far.ip)?))?,
         "traffic to the removed node's pod stops"
     );
     assert!(
@@ -184,7 +176,7 @@ fn a_node_leaving_the_cluster_file_cuts_its_pods_off_and_coming_back_restores_th
 
     c.write_members(&[0, 1, 2])?;
     assert!(
-        eventually(|| ping(&a.ns, far.ip))?,
+        eventually(SETTLE, || ping(&a.ns, far.ip))?,
         "traffic restored once the node is back, without restarting agents"
     );
     Ok(())
@@ -194,10 +186,8 @@ fn a_node_leaving_the_cluster_file_cuts_its_pods_off_and_coming_back_restores_th
 fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() -> Result<()> {
     let c = cluster(3)?;
     let target = c.nodes[1].add_pod("c-victim")?;
-    let listener = target.ns.run(|| UdpSocket::bind((target.ip, 0)))??;
-    listener.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let listener = udp_listener(&target.ns, target.ip)?;
     let port = listener.local_addr()?.port();
-    let mut buf = [0u8; 64];
 
     // Control: the first node tunnelling from its own pod range (10.244.1.0/24) is delivered.
     send_vxlan(
@@ -208,11 +198,10 @@ fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() -> Result<(
         (Ipv4Addr::new(10, 244, 1, 77), target.ip, port),
         b"crafted",
     )?;
-    let (n, from) = listener
-        .recv_from(&mut buf)
-        .context("a packet from the first node's own range arrives")?;
+    let (payload, from) =
+        receive(&listener)?.context("a packet from the first node's own range arrives")?;
     assert_eq!(
-        (&buf[..n], from.ip()),
+        (&payload[..], from.ip()),
         (&b"crafted"[..], IpAddr::V4(Ipv4Addr::new(10, 244, 1, 77)))
     );
 
@@ -226,8 +215,9 @@ fn a_tunnelled_packet_from_outside_the_senders_pod_cidr_is_dropped() -> Result<(
         (Ipv4Addr::new(10, 244, 3, 77), target.ip, port),
         b"crafted",
     )?;
-    assert!(
-        listener.recv_from(&mut buf).is_err(),
+    assert_eq!(
+        receive(&listener)?,
+        None,
         "spoofed inner source must not arrive"
     );
     assert_eq!(
