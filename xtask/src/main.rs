@@ -16,6 +16,8 @@ mod vm_verify;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+use crate::toolchain::Needs;
+
 #[derive(Parser)]
 #[command(about = "Build, load, demo and test podwire")]
 struct Cli {
@@ -78,6 +80,6 @@ fn main() -> Result<()> {
             agent_args,
         } => bench::run(reps, seconds, agent_args),
         Cmd::Test { args } => test::run(&args),
-        Cmd::VmVerify => vm_verify::run(),
+        Cmd::VmVerify => vm_verify::run(&build::ebpf(&toolchain::ensure(Needs::Build)?)?),
     }
 }

@@ -35,7 +35,7 @@ pub fn run(args: &[String]) -> Result<()> {
     // The same programs through the verifier of Debian 12's 6.1 kernel, which users run (skipped
     // with a test filter, which asks for a subset).
     if args.is_empty() {
-        match vm_verify::run() {
+        match vm_verify::run(&object) {
             Ok(()) => {
                 println!("test vm_verify_on_debian_12_kernel_6_1 ... ok");
                 passed += 1;

@@ -27,8 +27,7 @@ use podwire_lab::vm::{VerifyReport, NETLINK_TC};
 
 use crate::{
     build::{self, workspace_root},
-    cmd,
-    toolchain::{self, Needs},
+    cmd, toolchain,
 };
 
 const PACKAGES: &[(&str, &str)] = &[
@@ -58,13 +57,13 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 const START: &str = "podwire-vm: running podwire-verify";
 const EXIT: &str = "podwire-vm: podwire-verify exited with ";
 
-/// Boots the VM and checks podwire-verify's report.
-pub fn run() -> Result<()> {
+/// Boots the VM with podwire-verify built around the eBPF `object` and checks its report.
+pub fn run(object: &Path) -> Result<()> {
     toolchain::ensure_packages(PACKAGES)?;
     let dir = workspace_root().join("target/vm");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let kernel = kernel(&dir)?;
-    let verifier = build_verifier()?;
+    let verifier = build_verifier(object)?;
     let initrd = initramfs(&dir, &verifier, &kernel.modules)?;
     let started = Instant::now();
     let serial = boot(&kernel.vmlinuz, &initrd)?;
@@ -182,10 +181,9 @@ fn cached_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {
 }
 
 /// Builds podwire-verify statically, since the initramfs has no libc; returns its path.
-fn build_verifier() -> Result<PathBuf> {
-    let object = build::ebpf(&toolchain::ensure(Needs::Build)?)?;
+fn build_verifier(object: &Path) -> Result<PathBuf> {
     let target_dir = workspace_root().join("target");
-    let mut cargo = build::userspace_cargo(&object);
+    let mut cargo = build::userspace_cargo(object);
     cargo
         .args([
             "build",
