@@ -25,6 +25,10 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
@@ -50,6 +54,8 @@ pub const NAMESPACE: &str = "default";
 /// with builds and other tests. Tests never assert on time.
 const TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(250);
+/// How long kube-apiserver gets to exit after SIGTERM (it needs up to 5 s) before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of a daemon's log an error message quotes.
 const LOG_TAIL: usize = 40;
 
@@ -71,7 +77,6 @@ impl ControlPlane {
     /// until the API server is ready and has made the `default` namespace.
     pub fn start(underlay: &Underlay, ip: Ipv4Addr) -> Result<ControlPlane> {
         let etcd_bin = k8s_bin("etcd")?;
-        let apiserver_bin = k8s_bin("kube-apiserver")?;
         let kubectl = k8s_bin("kubectl")?;
         let ns = underlay.plug("k8s", ip, false)?;
         let dir = lab_dir("k8s")?;
@@ -123,30 +128,7 @@ impl ControlPlane {
         etcd.wait_for_line("ready to serve client requests")
             .context("etcd of the lab control plane")?;
 
-        let mut cmd = ns.command(&apiserver_bin);
-        cmd.arg("--etcd-servers=http://127.0.0.1:2379")
-            .arg(format!("--bind-address={ip}"))
-            .arg(format!("--advertise-address={ip}"))
-            .arg(format!("--secure-port={API_PORT}"))
-            .arg(format!("--cert-dir={}", path.join("certs").display()))
-            .arg(format!(
-                "--token-auth-file={}",
-                path.join("tokens.csv").display()
-            ))
-            .arg("--authorization-mode=RBAC")
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!(
-                "--service-account-key-file={}",
-                path.join("sa.pub").display()
-            ))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                key.display()
-            ))
-            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            .arg("--allow-privileged=true")
-            .args(log_to_file(&path.join("kube-apiserver.log")));
-        let apiserver = Daemon::spawn(cmd, None)?;
+        let apiserver = Daemon::spawn(apiserver_command(&ns, ip, path)?, None)?;
 
         let cp = ControlPlane {
             apiserver,
@@ -207,6 +189,29 @@ impl ControlPlane {
         }
     }
 
+    /// Stops kube-apiserver (SIGTERM; it takes up to 5 s to exit, and is killed after
+    /// [`STOP_TIMEOUT`]) and starts it again with the same etcd, certificates, keys and flags;
+    /// returns once it is ready again. Objects persist in etcd, and clients keep their
+    /// kubeconfig: the API server reuses the certificate it made in its --cert-dir.
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        let pid = Pid::from_raw(i32::try_from(self.apiserver.pid())?);
+        // It may have exited already: then there is nothing to stop.
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while is_running(self.apiserver.pid()) && Instant::now() < deadline {
+            thread::sleep(POLL);
+        }
+        // Dropping the old guard kills it if it is still there and reaps it, which frees its
+        // port for the new one.
+        let old = std::mem::replace(
+            &mut self.apiserver,
+            Daemon::spawn(apiserver_command(&self.ns, self.ip, self.dir.path())?, None)?,
+        );
+        drop(old);
+        self.wait_ready()
+            .context("kube-apiserver after its restart")
+    }
+
     /// The kubeconfig of the lab's admin (a token of group system:masters).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")
@@ -259,6 +264,11 @@ impl ControlPlane {
                 { "type": "Hostname", "address": name },
             ]},
         }))
+    }
+
+    /// The process id of the running kube-apiserver.
+    pub fn apiserver_pid(&self) -> u32 {
+        self.apiserver.pid()
     }
 
     /// The last lines of kube-apiserver's log.
@@ -622,6 +632,38 @@ impl KubeProxy {
             thread::sleep(POLL);
         }
     }
+}
+
+/// kube-apiserver in `ns` on `ip`, with etcd on the namespace's loopback and its certificates,
+/// keys, tokens and log in `dir`.
+fn apiserver_command(ns: &NetNs, ip: Ipv4Addr, dir: &Path) -> Result<Command> {
+    let mut cmd = ns.command(k8s_bin("kube-apiserver")?);
+    cmd.arg("--etcd-servers=http://127.0.0.1:2379")
+        .arg(format!("--bind-address={ip}"))
+        .arg(format!("--advertise-address={ip}"))
+        .arg(format!("--secure-port={API_PORT}"))
+        .arg(format!("--cert-dir={}", dir.join("certs").display()))
+        .arg(format!(
+            "--token-auth-file={}",
+            dir.join("tokens.csv").display()
+        ))
+        .arg("--authorization-mode=RBAC")
+        .arg("--service-account-issuer=https://kubernetes.default.svc")
+        .arg(format!(
+            "--service-account-key-file={}",
+            dir.join("sa.pub").display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            dir.join("sa.key").display()
+        ))
+        .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+        .arg("--allow-privileged=true")
+        // Node names (node1, ...) resolve nowhere: exec, logs and port-forward reach a kubelet
+        // by the InternalIP it registered.
+        .arg("--kubelet-preferred-address-types=InternalIP")
+        .args(log_to_file(&dir.join("kube-apiserver.log")));
+    Ok(cmd)
 }
 
 /// klog flags that send a Kubernetes binary's log to `file` (read on failure) instead of
