@@ -12,6 +12,7 @@
 
 pub mod artifacts;
 pub mod cni;
+pub mod dns;
 pub mod images;
 pub mod k8s;
 pub mod namespaces;
