@@ -1,5 +1,5 @@
-//! What `cargo xtask` built for the lab to run: the binaries, the eBPF object, cnitool and
-//! Kubernetes. xtask passes their paths in the environment of the tests it runs;
+//! What `cargo xtask` built for the lab to run: the binaries, the eBPF object, cnitool,
+//! Kubernetes and its nodes' container runtime. xtask passes their paths in the environment of the tests it runs;
 //! its own commands set the binary directory with [`set_bin_dir`].
 
 use std::{
@@ -17,6 +17,9 @@ pub const OBJECT_ENV: &str = "PODWIRE_EBPF_OBJECT";
 pub const CNITOOL_ENV: &str = "PODWIRE_CNITOOL";
 /// Environment variable naming the directory of the Kubernetes binaries.
 pub const K8S_BIN_DIR_ENV: &str = "PODWIRE_K8S_BIN_DIR";
+/// Environment variable naming the directory of the kubelet nodes' runtime (containerd, runc,
+/// pause, the loopback CNI plugin, the images every node imports).
+pub const K8S_NODE_DIR_ENV: &str = "PODWIRE_K8S_NODE_DIR";
 
 static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
 
@@ -109,4 +112,20 @@ pub fn k8s_bin(name: &str) -> Result<PathBuf> {
         path.display()
     );
     Ok(path)
+}
+
+/// The kubelet nodes' runtime, which `cargo xtask test` puts into target/k8s/node: `bin/` holds
+/// containerd 1.6.20, its runc shim, ctr, runc 1.1.5 (from Debian's packages) and pause; `cni/`
+/// the loopback plugin; `images/` the sandbox image and busybox as docker archives.
+pub fn k8s_node_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os(K8S_NODE_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target().join("k8s/node"));
+    ensure!(
+        dir.join("bin/containerd").exists(),
+        "{} has no containerd: run the tests through `cargo xtask test`, which puts the kubelet \
+         nodes' runtime there",
+        dir.display()
+    );
+    Ok(dir)
 }

@@ -12,12 +12,20 @@
 use std::{
     fs,
     io::{self, Write},
+    os::unix::fs::PermissionsExt as _,
     path::Path,
 };
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
+
+/// The sandbox image of the lab's kubelet nodes (containerd's `sandbox_image`, kubelet's
+/// `--pod-infra-container-image`): kubelet v1.20's default name, which the conformance suite
+/// uses too, with Kubernetes' pause program.
+pub const PAUSE_IMAGE: &str = "k8s.gcr.io/pause:3.2";
+/// busybox for test pods, under the name Kubernetes v1.20's e2e suite gives it.
+pub const BUSYBOX_IMAGE: &str = "docker.io/library/busybox:1.29";
 
 /// What a container of the image runs, and with what: the `config` of an image configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -79,6 +87,9 @@ pub fn docker_archive(
         .into_inner()
         .and_then(|w| w.into_inner().map_err(io::IntoInnerError::into_error))
         .context("finishing the archive")?;
+    // Readable by all, as files `docker save` writes (temporary files are private).
+    fs::set_permissions(file.path(), fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting the mode of {}", file.path().display()))?;
     file.persist(out)
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(())

@@ -68,11 +68,59 @@ const GOROOT: &str = "/usr/lib/go-1.19";
 const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 /// The tree's Go import path: GOPATH mode finds it at $GOPATH/src/k8s.io/kubernetes.
 const IMPORT_PATH: &str = "k8s.io/kubernetes";
-/// The server binaries the lab runs, each with its main package in the tree. Others (the
-/// controller manager, the scheduler, the kubelet) are one line each here.
-const BUILT: &[(&str, &str)] = &[
-    ("kube-apiserver", "cmd/kube-apiserver"),
-    ("kube-proxy", "cmd/kube-proxy"),
+/// How a binary is made from the tree.
+#[derive(Clone, Copy, PartialEq)]
+enum Make {
+    /// `go build` of a main package.
+    Build,
+    /// `go test -c` of a test package: upstream's e2e suite is one.
+    TestBinary,
+}
+
+/// A binary built from the tree.
+#[derive(Clone, Copy)]
+struct Built {
+    name: &'static str,
+    /// Its package, relative to the tree.
+    package: &'static str,
+    make: Make,
+    /// Arguments that make it print its version on stdout, and what that holds.
+    version_args: &'static [&'static str],
+    version: &'static str,
+}
+
+const fn server(name: &'static str, package: &'static str) -> Built {
+    Built {
+        name,
+        package,
+        make: Make::Build,
+        version_args: &["--version"],
+        version: "Kubernetes v1.20.2",
+    }
+}
+
+/// What the lab runs from the tree: a control plane, kubelet nodes with kube-proxy, and the
+/// upstream networking conformance suite with its test server image's binary.
+const BUILT: &[Built] = &[
+    server("kube-apiserver", "cmd/kube-apiserver"),
+    server("kube-controller-manager", "cmd/kube-controller-manager"),
+    server("kube-scheduler", "cmd/kube-scheduler"),
+    server("kube-proxy", "cmd/kube-proxy"),
+    server("kubelet", "cmd/kubelet"),
+    Built {
+        name: "e2e.test",
+        package: "test/e2e",
+        make: Make::TestBinary,
+        version_args: &["--version"],
+        version: "v1.20.2",
+    },
+    Built {
+        name: "agnhost",
+        package: "test/images/agnhost",
+        make: Make::Build,
+        version_args: &["--help"],
+        version: "netexec",
+    },
 ];
 
 /// A binary taken from a Debian package.
@@ -114,11 +162,7 @@ pub fn ensure() -> Result<PathBuf> {
     // the others wait for it instead of removing its work directory.
     let _lock = lock(&k8s)?;
     let packaged: Vec<&Packaged> = PACKAGED.iter().filter(|p| !p.is_in(&bin)).collect();
-    let built: Vec<(&str, &str)> = BUILT
-        .iter()
-        .filter(|(name, _)| !is_built(&bin.join(name)))
-        .copied()
-        .collect();
+    let built: Vec<Built> = BUILT.iter().filter(|b| !b.is_in(&bin)).copied().collect();
     if packaged.is_empty() && built.is_empty() {
         return Ok(bin);
     }
@@ -134,7 +178,7 @@ pub fn ensure() -> Result<PathBuf> {
     }
     if !built.is_empty() {
         ensure_packages(BUILD_PACKAGES)?;
-        let names: Vec<&str> = built.iter().map(|(name, _)| *name).collect();
+        let names: Vec<&str> = built.iter().map(|b| b.name).collect();
         eprintln!(
             "xtask: building {} {VERSION} from Debian's {SOURCE_PACKAGE} source package with Go \
              1.19 (the lab's Kubernetes control plane and kube-proxy; several minutes, once)",
@@ -159,19 +203,19 @@ pub fn ensure() -> Result<PathBuf> {
             p.version
         );
     }
-    for (name, _) in BUILT {
-        let path = bin.join(name);
+    for b in BUILT {
         ensure!(
-            is_built(&path),
-            "{} was built but does not report {VERSION}",
-            path.display()
+            b.is_in(&bin),
+            "{} was built but does not report {:?}",
+            bin.join(b.name).display(),
+            b.version
         );
     }
     Ok(bin)
 }
 
 /// Takes the exclusive lock of `dir` (created), waiting while another xtask holds it.
-fn lock(dir: &Path) -> Result<Flock<fs::File>> {
+pub(crate) fn lock(dir: &Path) -> Result<Flock<fs::File>> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("lock");
     let file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -198,9 +242,11 @@ fn reports(binary: &Path, args: &[&str], version: &str) -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(version))
 }
 
-/// Whether a server binary runs and is the version the lab wants: "Kubernetes v1.20.2".
-fn is_built(binary: &Path) -> bool {
-    reports(binary, &["--version"], &format!("Kubernetes {VERSION}"))
+impl Built {
+    /// Whether the binary is in `bin` and the version the lab wants.
+    fn is_in(&self, bin: &Path) -> bool {
+        reports(&bin.join(self.name), self.version_args, self.version)
+    }
 }
 
 impl Packaged {
@@ -246,7 +292,7 @@ fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) ->
 
 /// Downloads and unpacks the tree into a GOPATH in `work`, repairs it and builds `binaries`
 /// (name, main package) into `bin`.
-fn build(apt: &PrivateApt, work: &Path, binaries: &[(&str, &str)], bin: &Path) -> Result<()> {
+fn build(apt: &PrivateApt, work: &Path, binaries: &[Built], bin: &Path) -> Result<()> {
     let download = work.join("download");
     let source = format!("{SOURCE_PACKAGE}={DEBIAN_VERSION}");
     apt.download(&download, &["source", "--download-only", &source])?;
@@ -277,25 +323,74 @@ fn build(apt: &PrivateApt, work: &Path, binaries: &[(&str, &str)], bin: &Path) -
         ]
     })
     .collect();
-    let mut go = go(work, &tree);
-    go.arg("build")
-        // With more than one package, -o names a directory.
-        .arg("-o")
-        .arg(format!("{}/", bin.display()))
-        .arg("-ldflags")
-        .arg(version_flags.join(" "))
-        .args(
-            binaries
-                .iter()
-                .map(|(_, pkg)| format!("{IMPORT_PATH}/{pkg}")),
-        );
-    run(go).context("go build of the Kubernetes binaries")
+    let ldflags = version_flags.join(" ");
+    if binaries.iter().any(|b| b.make == Make::TestBinary) {
+        generate_bindata(work, &tree)?;
+    }
+    for b in binaries {
+        let mut go = go(work, &tree);
+        match b.make {
+            Make::Build => go.arg("build"),
+            Make::TestBinary => go.args(["test", "-c"]),
+        };
+        go.arg("-o")
+            .arg(bin.join(b.name))
+            .arg("-ldflags")
+            .arg(&ldflags)
+            .arg(format!("{IMPORT_PATH}/{}", b.package));
+        run(go).with_context(|| format!("go build of {}", b.name))?;
+    }
+    Ok(())
 }
 
-/// Unpacks the upstream tree, the orig tarball `apt-get source` left in `download`, into `tree`.
-/// Debian's own patches are not applied: they only adapt the packaging to Debian's build.
-fn unpack_orig(download: &Path, tree: &Path) -> Result<()> {
-    let orig = fs::read_dir(download)
+/// Writes test/e2e/generated/bindata.go, the manifests and fixtures the e2e suite embeds, with
+/// the vendored go-bindata as upstream's hack/generate-bindata.sh does: the tree does not hold
+/// it, and without it the suite fails to build (`undefined: Asset`).
+fn generate_bindata(work: &Path, tree: &Path) -> Result<()> {
+    let go_bindata = work.join("go-bindata");
+    let mut go = go(work, tree);
+    go.arg("build").arg("-o").arg(&go_bindata).arg(format!(
+        "{IMPORT_PATH}/vendor/github.com/go-bindata/go-bindata/go-bindata"
+    ));
+    run(go).context("go build of go-bindata")?;
+    let mut generate = Command::new(&go_bindata);
+    generate
+        .current_dir(tree)
+        .args(["-nometadata", "-o", "test/e2e/generated/bindata.go"])
+        .args(["-pkg", "generated", "-ignore", ".jpg", "-ignore", ".png"])
+        .args(["-ignore", ".md", "-ignore", "BUILD(\\.bazel)?"])
+        .args([
+            "test/conformance/testdata/...",
+            "test/e2e/testing-manifests/...",
+            "test/e2e_node/testing-manifests/...",
+            "test/images/...",
+            "test/fixtures/...",
+        ]);
+    run(generate).context("generating the e2e suite's bindata")
+}
+
+/// Takes the file `path` (relative to the tree) out of the source package's orig tarball into
+/// `work`, without unpacking the rest; returns where it is.
+pub(crate) fn source_file(apt: &PrivateApt, work: &Path, path: &str) -> Result<PathBuf> {
+    let download = work.join("download");
+    let source = format!("{SOURCE_PACKAGE}={DEBIAN_VERSION}");
+    apt.download(&download, &["source", "--download-only", &source])?;
+    let orig = orig_tarball(&download)?;
+    let mut tar = Command::new("tar");
+    tar.arg("-xzf")
+        .arg(&orig)
+        .arg("-C")
+        .arg(work)
+        .arg("--strip-components=1")
+        .arg(format!("kubernetes-{}/{path}", &VERSION[1..]));
+    run(tar).with_context(|| format!("taking {path} out of {}", orig.display()))?;
+    fs::remove_dir_all(&download).with_context(|| format!("removing {}", download.display()))?;
+    Ok(work.join(path))
+}
+
+/// The orig tarball `apt-get source` left in `download`.
+fn orig_tarball(download: &Path) -> Result<PathBuf> {
+    fs::read_dir(download)
         .with_context(|| format!("listing {}", download.display()))?
         .filter_map(|entry| Some(entry.ok()?.path()))
         .find(|path| path.to_string_lossy().ends_with(".orig.tar.gz"))
@@ -304,7 +399,13 @@ fn unpack_orig(download: &Path, tree: &Path) -> Result<()> {
                 "apt-get source left no orig tarball in {}",
                 download.display()
             )
-        })?;
+        })
+}
+
+/// Unpacks the upstream tree, the orig tarball `apt-get source` left in `download`, into `tree`.
+/// Debian's own patches are not applied: they only adapt the packaging to Debian's build.
+fn unpack_orig(download: &Path, tree: &Path) -> Result<()> {
+    let orig = orig_tarball(download)?;
     fs::create_dir_all(tree).with_context(|| format!("creating {}", tree.display()))?;
     let mut tar = Command::new("tar");
     // The tarball holds one directory, kubernetes-1.20.2/, whose content goes into `tree`.

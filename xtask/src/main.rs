@@ -8,6 +8,7 @@ mod cmd;
 mod cnitool;
 mod demo;
 mod k8s;
+mod k8s_node;
 mod run;
 mod test;
 mod toolchain;

@@ -8,11 +8,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use podwire_lab::artifacts::{BIN_DIR_ENV, CNITOOL_ENV, K8S_BIN_DIR_ENV};
+use podwire_lab::artifacts::{BIN_DIR_ENV, CNITOOL_ENV, K8S_BIN_DIR_ENV, K8S_NODE_DIR_ENV};
 
 use crate::{
     build::{self, Built},
-    cnitool, k8s,
+    cnitool, k8s, k8s_node,
     toolchain::Needs,
     vm_verify,
 };
@@ -22,12 +22,14 @@ pub fn run(args: &[String]) -> Result<()> {
     let Built { bins, object } = build::all(false, Needs::Run)?;
     let cnitool = cnitool::ensure()?;
     let k8s = k8s::ensure()?;
+    let k8s_node = k8s_node::ensure()?;
     let mut cargo = build::userspace_cargo(&object);
     cargo
         .args(["test", "--workspace", "--exclude", "podwire-ebpf"])
         .env(BIN_DIR_ENV, &bins)
         .env(CNITOOL_ENV, &cnitool)
-        .env(K8S_BIN_DIR_ENV, &k8s);
+        .env(K8S_BIN_DIR_ENV, &k8s)
+        .env(K8S_NODE_DIR_ENV, &k8s_node);
     if !args.is_empty() {
         cargo.arg("--").args(args);
     }
