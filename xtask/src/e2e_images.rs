@@ -1,20 +1,19 @@
-//! The container images upstream's networking conformance specs run, built on this machine:
-//! no registry is reachable, so each is a one-layer docker archive assembled from binaries the
-//! Kubernetes build made and from Debian packages (taken out with `dpkg-deb -x`, never
-//! installed), imported into the nodes under exactly the names Kubernetes v1.20.2's
-//! test/utils/image/manifest.go gives, so the suite needs no registry remapping.
+//! The container image upstream's networking conformance specs run besides pause and busybox
+//! (which the lab's kubelet nodes carry already, under the names the suite uses), built on this
+//! machine: no registry is reachable, so it is a one-layer docker archive assembled from the
+//! agnhost binary the Kubernetes build made and from Debian packages (taken out with `dpkg-deb
+//! -x`, never installed), imported into the nodes as `k8s.gcr.io/e2e-test-images/agnhost:2.21`,
+//! exactly the name Kubernetes v1.20.2's test/utils/image/manifest.go gives, so the suite needs
+//! no registry remapping.
 //!
-//! - `k8s.gcr.io/e2e-test-images/agnhost:2.21`, the test server almost every spec runs, laid out
-//!   as upstream's Dockerfile does (ENTRYPOINT /agnhost, CMD pause, /agnhost-2, /uploads, porter's
-//!   /localhost.crt and .key). The specs also exec shell commands in it: `nc -zv -t -w 2 HOST
-//!   PORT`, `echo x | nc -w 1 -u HOST PORT`, `curl -g -q -s [--connect-timeout N] URL`, `wget -T
-//!   N -qO- URL`. Debian's busybox-static fails them: its shell runs busybox's own nc (no `-z`)
-//!   before PATH, its static getaddrinfo crashes on any name, and busybox 1.35's `wget -T`
-//!   crashes. What passes them: the dynamic busybox with glibc's runtime and an nsswitch.conf
-//!   (`hosts: files dns`), dash as /bin/sh, OpenBSD's netcat as nc, and small curl and wget
-//!   wrappers over busybox wget that bound the call with `timeout` instead of `-T`.
-//! - `docker.io/library/busybox:1.29`: Debian's busybox-static with its applets.
-//! - `k8s.gcr.io/pause:3.2`: the pause binary the node runtime's sandbox image has.
+//! It is laid out as upstream's Dockerfile does (ENTRYPOINT /agnhost, CMD pause, /agnhost-2,
+//! /uploads, porter's /localhost.crt and .key). The specs also exec shell commands in it: `nc -zv
+//! -t -w 2 HOST PORT`, `echo x | nc -w 1 -u HOST PORT`, `curl -g -q -s [--connect-timeout N]
+//! URL`, `wget -T N -qO- URL`. Debian's busybox-static fails them: its shell runs busybox's own
+//! nc (no `-z`) before PATH, its static getaddrinfo crashes on any name, and busybox 1.35's `wget
+//! -T` crashes. What passes them: the dynamic busybox with glibc's runtime and an nsswitch.conf
+//! (`hosts: files dns`), dash as /bin/sh, OpenBSD's netcat as nc, and small curl and wget
+//! wrappers over busybox wget that bound the call with `timeout` instead of `-T`.
 
 use std::{
     fs,
@@ -46,7 +45,6 @@ const AGNHOST_PACKAGES: &[&str] = &[
     "libbsd0",
     "libmd0",
 ];
-const BUSYBOX_PACKAGES: &[&str] = &["busybox-static"];
 
 /// The container's PATH: the wrappers in /usr/local/bin come before busybox's applets in /bin.
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -94,28 +92,16 @@ done
 exec timeout "$secs" busybox wget "$@"
 "#;
 
-/// An image archive and the reference it is imported under.
-pub struct Image {
-    pub reference: &'static str,
-    pub archive: PathBuf,
-}
+/// The reference the image is imported under.
+pub const AGNHOST: &str = "k8s.gcr.io/e2e-test-images/agnhost:2.21";
 
-/// Returns the conformance images, building those whose archive is missing into
-/// target/k8s/images. `k8s_bin` holds agnhost (from [`crate::k8s::ensure`]); `pause` is the
-/// pause binary of the node runtime.
-pub fn ensure(k8s_bin: &Path, pause: &Path) -> Result<Vec<Image>> {
+/// Returns the agnhost image's docker archive in target/k8s/images, building it if it is
+/// missing. `k8s_bin` holds the agnhost binary (from [`crate::k8s::ensure`]).
+pub fn agnhost(k8s_bin: &Path) -> Result<PathBuf> {
     let dir = workspace_root().join("target/k8s/images");
-    let images = [
-        ("k8s.gcr.io/e2e-test-images/agnhost:2.21", "agnhost"),
-        ("docker.io/library/busybox:1.29", "busybox"),
-        ("k8s.gcr.io/pause:3.2", "pause"),
-    ]
-    .map(|(reference, name)| Image {
-        reference,
-        archive: dir.join(format!("{name}-r{REVISION}.tar")),
-    });
-    if images.iter().all(|image| image.archive.exists()) {
-        return Ok(images.into());
+    let archive = dir.join(format!("agnhost-2.21-r{REVISION}.tar"));
+    if archive.exists() {
+        return Ok(archive);
     }
     let work = dir.join("work");
     // An interrupted earlier run may have left its files behind.
@@ -123,35 +109,19 @@ pub fn ensure(k8s_bin: &Path, pause: &Path) -> Result<Vec<Image>> {
         fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     }
     eprintln!(
-        "xtask: building the conformance suite's images into {} (from Debian packages; once)",
+        "xtask: building {AGNHOST} into {} (from Debian packages; once)",
         dir.display()
     );
     let apt = PrivateApt::new(&work.join("apt"))?;
-    for image in &images {
-        if image.archive.exists() {
-            continue;
-        }
-        let rootfs = work.join("rootfs");
-        if rootfs.exists() {
-            fs::remove_dir_all(&rootfs)
-                .with_context(|| format!("removing {}", rootfs.display()))?;
-        }
-        let config = match image.reference {
-            r if r.contains("agnhost") => {
-                agnhost_rootfs(&apt, &work, &rootfs, &k8s_bin.join("agnhost"), &dir)?
-            }
-            r if r.contains("busybox") => busybox_rootfs(&apt, &work, &rootfs)?,
-            _ => pause_rootfs(&rootfs, pause)?,
-        };
-        // Written next to its final name and renamed, so an archive that exists is whole.
-        let partial = image.archive.with_extension("partial");
-        docker_archive(image.reference, &rootfs, &config, &partial)
-            .with_context(|| format!("writing the image {}", image.reference))?;
-        fs::rename(&partial, &image.archive)
-            .with_context(|| format!("renaming {}", partial.display()))?;
-    }
+    let rootfs = work.join("rootfs");
+    let config = agnhost_rootfs(&apt, &work, &rootfs, &k8s_bin.join("agnhost"), &dir)?;
+    // Written next to its final name and renamed, so an archive that exists is whole.
+    let partial = archive.with_extension("partial");
+    docker_archive(AGNHOST, &rootfs, &config, &partial)
+        .with_context(|| format!("writing the image {AGNHOST}"))?;
+    fs::rename(&partial, &archive).with_context(|| format!("renaming {}", partial.display()))?;
     fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
-    Ok(images.into())
+    Ok(archive)
 }
 
 /// agnhost's tree in `rootfs`; porter's files are cached in `cache`.
@@ -200,36 +170,6 @@ fn agnhost_rootfs(
         entrypoint: vec!["/agnhost".into()],
         cmd: vec!["pause".into()],
         env: vec![PATH.into()],
-        workdir: None,
-    })
-}
-
-/// busybox's tree in `rootfs`: the static busybox and its applets.
-fn busybox_rootfs(apt: &PrivateApt, work: &Path, rootfs: &Path) -> Result<ImageConfig> {
-    unpack_packages(apt, &work.join("busybox-debs"), BUSYBOX_PACKAGES, rootfs)?;
-    let usr_share = rootfs.join("usr/share");
-    if usr_share.exists() {
-        fs::remove_dir_all(&usr_share)
-            .with_context(|| format!("removing {}", usr_share.display()))?;
-    }
-    busybox_applets(&rootfs.join("bin"))?;
-    make_dir(&rootfs.join("tmp"))?;
-    Ok(ImageConfig {
-        entrypoint: vec![],
-        cmd: vec!["sh".into()],
-        env: vec![PATH.into()],
-        workdir: None,
-    })
-}
-
-/// pause's tree in `rootfs`: the binary alone, as upstream's image.
-fn pause_rootfs(rootfs: &Path, pause: &Path) -> Result<ImageConfig> {
-    make_dir(rootfs)?;
-    copy(pause, &rootfs.join("pause"))?;
-    Ok(ImageConfig {
-        entrypoint: vec!["/pause".into()],
-        cmd: vec![],
-        env: vec![],
         workdir: None,
     })
 }
