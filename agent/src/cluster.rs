@@ -1,6 +1,6 @@
 //! Where the agent learns the cluster: a [`ClusterSource`] hands it a [`Cluster`] snapshot at
 //! start and a new one whenever it changes. The first source is a static file, reloaded when it
-//! changes; a Kubernetes Node source goes behind the same trait.
+//! changes; the Kubernetes Node source ([`crate::kubernetes::KubeSource`]) follows the API.
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
@@ -23,6 +23,12 @@ pub enum ClusterError {
         path: PathBuf,
         source: InvalidCluster,
     },
+    /// Listing or watching Nodes failed; the watch lists again after a backoff.
+    #[error("watching Nodes")]
+    Watch(#[source] kube::runtime::watcher::Error),
+    /// The Node watch ended, which it never should.
+    #[error("the Node watch ended")]
+    WatchEnded,
 }
 
 /// Where the cluster comes from.

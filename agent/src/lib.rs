@@ -4,18 +4,23 @@
 //!
 //! By job: [`server`] is the socket; [`lifecycle`] registers, releases, checks and collects pod
 //! endpoints; [`ipam`] allocates their addresses and keeps them in its [`store`]; [`cluster`] is
-//! where the cluster comes from, [`node_table`] what it asks of this node, [`reconcile`] applies
-//! that; [`overlay`] is the tunnel decided at start, [`masquerade`] the nftables rules.
+//! where the cluster comes from ([`kubernetes`] its Kubernetes API source), [`node_table`] what
+//! it asks of this node, [`reconcile`] applies that; [`overlay`] is the tunnel decided at start,
+//! [`masquerade`] the nftables rules; [`metrics`] serves health and metrics over HTTP;
+//! [`uninstall`] cleans the node when podwire is uninstalled.
 
 pub mod cluster;
 pub mod ipam;
+pub mod kubernetes;
 pub mod lifecycle;
 pub mod masquerade;
+pub mod metrics;
 pub mod node_table;
 pub mod overlay;
 pub mod reconcile;
 pub mod server;
 pub mod store;
+pub mod uninstall;
 
 use podwire_core::pins::Pins;
 use podwire_datapath::Datapath;

@@ -2,21 +2,36 @@
 //! endpoints of its persisted state, and serves the CNI plugin on a Unix socket. The datapath keeps
 //! forwarding while the agent is down or restarting.
 //!
+//! The cluster comes from a file (`--cluster-file`) or from the Kubernetes API's Nodes
+//! (`--kubernetes`); a node alone serves its `--pod-cidr`. Health, readiness and Prometheus
+//! metrics are served over HTTP on `--http-address` (see `podwire_agent::metrics`). With
+//! `--daemonset`, a SIGTERM after that DaemonSet was deleted (`helm uninstall`) removes podwire
+//! from the node; `--cleanup` does that at once.
+//!
 //! `--iface` attaches `from_pod` to an interface for the developer's loop (`cargo xtask run`);
 //! those attachments, unlike the pods', are removed when the agent exits.
 
-use std::{io::IsTerminal as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use ipnet::Ipv4Net;
 use podwire_agent::{
-    cluster::{ClusterSource as _, FileSource},
+    cluster::{ClusterError, ClusterSource, FileSource},
     ipam::Ipam,
+    kubernetes::{self, KubeSource},
+    metrics::{self, Health, Metrics, DEFAULT_HTTP_ADDRESS},
     overlay::{self, Overlay, OverlayConfig, UnderlayXdp},
-    server, Agent, OBJECT,
+    server,
+    uninstall::{self, Cleanup, Uninstalling},
+    Agent, OBJECT,
 };
-use podwire_core::{api, cluster::Cluster, pins::Pins};
+use podwire_core::{
+    api,
+    cluster::{Cluster, NodeInfo},
+    error_chain,
+    pins::Pins,
+};
 use podwire_datapath::{Datapath, Hook, LoadOptions, LogLevel, Logger};
 use podwire_netlink::Netlink;
 use tokio::{
@@ -33,6 +48,56 @@ struct Args {
     /// traffic to other nodes' pods goes through a VXLAN tunnel.
     #[arg(long, value_name = "FILE", conflicts_with = "pod_cidr")]
     cluster_file: Option<PathBuf>,
+
+    /// Follow the cluster from the Kubernetes API: every Node's InternalIP and spec.podCIDR(s).
+    /// The agent waits until its own Node (--node-name) has both; its pod CIDR feeds IPAM and
+    /// its InternalIP carries the tunnel. Once the datapath is up, the Node's
+    /// NetworkUnavailable condition is set to False.
+    #[arg(
+        long,
+        conflicts_with_all = ["cluster_file", "pod_cidr"],
+        requires = "cluster_cidr"
+    )]
+    kubernetes: bool,
+
+    /// kubeconfig for --kubernetes; without it, the in-cluster service account, else
+    /// KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "PATH", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+
+    /// The pod range every node's podCIDR comes from (kube-controller-manager's
+    /// --cluster-cidr), with --kubernetes: destinations in it that no node owns are dropped,
+    /// and pod traffic to it is not masqueraded.
+    #[arg(long, value_name = "CIDR", requires = "kubernetes")]
+    cluster_cidr: Option<Ipv4Net>,
+
+    /// podwire's DaemonSet (in --namespace), with --kubernetes: once it is deleted (helm
+    /// uninstall), the SIGTERM that stops the agent also removes podwire from the node (see
+    /// --cleanup). Without its deletion a SIGTERM keeps the datapath in place.
+    #[arg(long, value_name = "NAME", requires = "kubernetes")]
+    daemonset: Option<String>,
+
+    /// The namespace of --daemonset (the downward API's metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    namespace: String,
+
+    /// The CNI conflist installed for podwire, removed first on uninstall.
+    #[arg(long, value_name = "PATH")]
+    cni_conf_file: Option<PathBuf>,
+
+    /// The CNI plugin binary installed for podwire, removed on uninstall.
+    #[arg(long, value_name = "PATH")]
+    cni_bin_file: Option<PathBuf>,
+
+    /// Remove podwire from this node and exit: --cni-conf-file, --cni-bin-file, every pinned
+    /// link and map below --bpffs, the overlay device, the masquerade table, --state-dir and
+    /// --socket. For a node whose podwire was removed without `helm uninstall`.
+    #[arg(long)]
+    cleanup: bool,
+
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_HTTP_ADDRESS)]
+    http_address: SocketAddr,
 
     /// This node's pod CIDR, for a node alone (no overlay): pod addresses are allocated from it.
     /// Without it or --cluster-file the agent serves no pods and only attaches to `--iface`s.
@@ -101,15 +166,68 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if args.cleanup {
+        cleanup_of(&args)
+            .run()
+            .await
+            .context("removing podwire from this node")?;
+        info!("podwire removed from this node");
+        return Ok(());
+    }
+    let mut signals = Signals::new()?;
 
-    let serving = args.pod_cidr.is_some() || args.cluster_file.is_some();
+    let follows_cluster = args.cluster_file.is_some() || args.kubernetes;
+    let serving = args.pod_cidr.is_some() || follows_cluster;
     let pins = serving.then(|| Pins::new(&args.bpffs));
-    let mut cluster_source = args
-        .cluster_file
-        .clone()
-        .map(|path| FileSource::new(path, Duration::from_secs(1)));
+    let health = Arc::new(Health::new(follows_cluster, serving));
+    let metrics = Arc::new(Metrics::new(pins.clone(), health.clone()));
+    let http = metrics::bind(args.http_address)
+        .await
+        .with_context(|| format!("binding --http-address {}", args.http_address))?;
+    tokio::spawn(metrics::serve(http, health.clone(), metrics.clone()));
+    info!(address = %args.http_address, "serving /healthz, /readyz and /metrics");
+
+    let kube = match args.kubernetes {
+        true => {
+            check_ip_forward();
+            Some(
+                kubernetes::client(args.kubeconfig.as_deref())
+                    .await
+                    .context("connecting to the Kubernetes API")?,
+            )
+        }
+        false => None,
+    };
+    let uninstalling = Arc::new(Uninstalling::default());
+    if let (Some(client), Some(name)) = (&kube, &args.daemonset) {
+        tokio::spawn(uninstall::watch_daemonset(
+            client.clone(),
+            args.namespace.clone(),
+            name.clone(),
+            uninstalling.clone(),
+        ));
+    }
+
+    let mut cluster_source = match (&args.cluster_file, &kube) {
+        (Some(path), _) => Some(Source::File(FileSource::new(
+            path.clone(),
+            Duration::from_secs(1),
+        ))),
+        (None, Some(client)) => Some(Source::Kube(KubeSource::new(
+            client.clone(),
+            args.cluster_cidr
+                .context("--kubernetes needs --cluster-cidr")?,
+        ))),
+        (None, None) => None,
+    };
     let joined = match &mut cluster_source {
-        Some(source) => Some(join(&args, source).await?),
+        Some(source) => tokio::select! {
+            joined = join(&args, source, &metrics) => Some(joined?),
+            signal = signals.recv() => {
+                info!("{signal} before this node joined the cluster: exiting");
+                return exit(&args, &kube, &uninstalling).await;
+            }
+        },
         None => None,
     };
     let overlay = joined.as_ref().map(|j| &j.overlay);
@@ -134,10 +252,10 @@ async fn main() -> Result<()> {
 
     let pod_cidr = args.pod_cidr.or(joined.as_ref().map(|j| j.pod_cidr));
     let (Some(pod_cidr), Some(pins)) = (pod_cidr, pins) else {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
+        health.set_datapath_loaded();
         info!("datapath running; Ctrl-C or SIGTERM detaches and exits");
-        wait_for_signal(&mut sigint, &mut sigterm).await;
+        let signal = signals.recv().await;
+        info!("{signal}: exiting");
         for (reason, counter) in datapath.counters.all()? {
             info!(
                 reason = reason.name(),
@@ -165,43 +283,134 @@ async fn main() -> Result<()> {
         pod_mtu,
         overlay,
     )?;
+    health.set_datapath_loaded();
     if let Some(cluster) = &cluster {
         agent.apply_cluster(cluster).await?;
+        metrics.cluster_synced(cluster.nodes.len());
+        health.set_cluster_synced();
     }
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    if let Some(mut source) = cluster_source {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            loop {
-                let result = match source.next().await {
-                    Ok(cluster) => agent
-                        .lock()
-                        .await
-                        .apply_cluster(&cluster)
-                        .await
-                        .map_err(anyhow::Error::from),
-                    Err(e) => Err(e.into()),
-                };
-                if let Err(e) = result {
-                    warn!("cluster update: {e:#}");
-                }
-            }
-        });
+    if let Some(source) = cluster_source {
+        tokio::spawn(follow(source, agent.clone(), metrics.clone()));
     }
     let listener = server::bind(&args.socket)
         .with_context(|| format!("binding the API socket {}", args.socket.display()))?;
-    tokio::spawn(server::serve(agent.clone(), listener));
+    tokio::spawn(server::serve(agent.clone(), listener, metrics.clone()));
+    health.set_cni_serving();
     info!(node = %args.node_name, %pod_cidr, pod_mtu, socket = %args.socket.display(), "serving CNI requests");
+    if let Some(client) = &kube {
+        tokio::spawn(mark_network_available(
+            client.clone(),
+            args.node_name.clone(),
+        ));
+    }
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     info!("datapath running; it stays in place when the agent exits");
-    wait_for_signal(&mut sigint, &mut sigterm).await;
+    let signal = signals.recv().await;
+    info!("{signal}: exiting");
     let _ = std::fs::remove_file(&args.socket);
     // Pod attachments are pinned and stay; only `--iface` ones are detached with the datapath.
     drop(agent);
-    info!("agent stopped");
+    exit(&args, &kube, &uninstalling).await
+}
+
+/// The end of a run: on uninstall (the DaemonSet deleted), podwire is removed from the node;
+/// otherwise everything stays for the next agent.
+async fn exit(args: &Args, kube: &Option<kube::Client>, uninstalling: &Uninstalling) -> Result<()> {
+    let uninstall = match (kube, &args.daemonset) {
+        (Some(client), Some(name)) => {
+            uninstalling.get()
+                || uninstall::daemonset_gone(client.clone(), &args.namespace, name).await
+        }
+        _ => false,
+    };
+    if !uninstall {
+        info!("agent stopped");
+        return Ok(());
+    }
+    info!("podwire is being uninstalled: removing it from this node");
+    cleanup_of(args)
+        .run()
+        .await
+        .context("removing podwire from this node")?;
+    info!("agent stopped; podwire removed from this node");
     Ok(())
+}
+
+fn cleanup_of(args: &Args) -> Cleanup {
+    Cleanup {
+        conf_file: args.cni_conf_file.clone(),
+        bin_file: args.cni_bin_file.clone(),
+        pins: Pins::new(&args.bpffs),
+        state_dir: args.state_dir.clone(),
+        socket: args.socket.clone(),
+    }
+}
+
+/// Where the agent learns the cluster.
+enum Source {
+    File(FileSource),
+    Kube(KubeSource),
+}
+
+impl ClusterSource for Source {
+    async fn next(&mut self) -> Result<Cluster, ClusterError> {
+        match self {
+            Source::File(source) => source.next().await,
+            Source::Kube(source) => source.next().await,
+        }
+    }
+}
+
+/// Applies every cluster `source` hands on, counting successes and failures.
+async fn follow(mut source: Source, agent: Arc<tokio::sync::Mutex<Agent>>, metrics: Arc<Metrics>) {
+    loop {
+        let result = match source.next().await {
+            Ok(cluster) => agent
+                .lock()
+                .await
+                .apply_cluster(&cluster)
+                .await
+                .map(|()| cluster.nodes.len())
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(nodes) => metrics.cluster_synced(nodes),
+            Err(e) => {
+                metrics.cluster_sync_failed();
+                warn!("cluster update: {e:#}");
+            }
+        }
+    }
+}
+
+/// Sets this node's NetworkUnavailable condition to False, retrying until the API takes it.
+async fn mark_network_available(client: kube::Client, node: String) {
+    loop {
+        match kubernetes::mark_network_available(client.clone(), &node).await {
+            Ok(()) => return info!(node = %node, "Node condition NetworkUnavailable set to False"),
+            Err(e) => warn!("{}; retrying in 5s", error_chain(&e)),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Warns when this node does not forward IPv4: podwire's own paths do not need it, but hosts
+/// that are no podwire node (the API server's, reaching pods for `kubectl exec` or its proxy)
+/// and kube-proxy's Services do, and kubeadm requires it.
+fn check_ip_forward() {
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    match std::fs::read_to_string(path) {
+        Ok(value) if value.trim() == "0" => warn!(
+            "{path} is 0: this node does not forward IPv4, so hosts that are no podwire node \
+             (the API server's) cannot reach its pods and Services through kube-proxy fail; set \
+             net.ipv4.ip_forward=1 on the node (the Helm chart's privileged init container does, \
+             as kubeadm requires)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!("reading {path}: {e}"),
+    }
 }
 
 /// This node's place in the cluster, and its overlay made ready before the datapath loads (the
@@ -212,14 +421,20 @@ struct Joined {
     overlay: Overlay,
 }
 
-async fn join(args: &Args, source: &mut FileSource) -> Result<Joined> {
-    let cluster = source.next().await?;
-    let me = cluster.node(&args.node_name).cloned().with_context(|| {
-        format!(
-            "node {} is not in the cluster file {:?}",
-            args.node_name, args.cluster_file
-        )
-    })?;
+async fn join(args: &Args, source: &mut Source, metrics: &Metrics) -> Result<Joined> {
+    let (cluster, me) = match source {
+        Source::File(file) => {
+            let cluster = file.next().await?;
+            let me = cluster.node(&args.node_name).cloned().with_context(|| {
+                format!(
+                    "node {} is not in the cluster file {:?}",
+                    args.node_name, args.cluster_file
+                )
+            })?;
+            (cluster, me)
+        }
+        Source::Kube(kube) => wait_for_own_node(&args.node_name, kube, metrics).await,
+    };
     let overlay = Overlay::setup(
         &Netlink::connect()?,
         OverlayConfig {
@@ -244,13 +459,54 @@ async fn join(args: &Args, source: &mut FileSource) -> Result<Joined> {
     })
 }
 
-async fn wait_for_signal(
-    sigint: &mut tokio::signal::unix::Signal,
-    sigterm: &mut tokio::signal::unix::Signal,
-) {
-    tokio::select! {
-        _ = sigint.recv() => info!("SIGINT: exiting"),
-        _ = sigterm.recv() => info!("SIGTERM: exiting"),
+/// The first cluster that has this node (with its InternalIP and pod CIDR, which the controller
+/// manager assigns seconds after the kubelet registers it), and this node in it. Waits, saying
+/// why, until there is one.
+async fn wait_for_own_node(
+    name: &str,
+    source: &mut KubeSource,
+    metrics: &Metrics,
+) -> (Cluster, NodeInfo) {
+    loop {
+        match source.next().await {
+            Ok(cluster) => {
+                if let Some(me) = cluster.node(name).cloned() {
+                    info!(node = %name, address = %me.address, pod_cidr = %me.pod_cidr, "found this node's Node");
+                    return (cluster, me);
+                }
+                info!(
+                    "waiting for Node {name}: {} (it must have an InternalIP and a podCIDR)",
+                    source.why_not_in(name)
+                );
+            }
+            Err(e) => {
+                metrics.cluster_sync_failed();
+                warn!("{}; retrying", error_chain(&e));
+            }
+        }
+    }
+}
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        Ok(Signals {
+            sigint: signal(SignalKind::interrupt())?,
+            sigterm: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next of them, by name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.sigint.recv() => "SIGINT",
+            _ = self.sigterm.recv() => "SIGTERM",
+        }
     }
 }
 

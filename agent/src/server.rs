@@ -1,7 +1,8 @@
 //! The agent's side of its local API: a Unix socket, one JSON request line and one JSON reply
-//! line per connection (see `podwire_core::api`), each request handled under the agent's lock.
+//! line per connection (see `podwire_core::api`), each request handled under the agent's lock
+//! and timed (waiting for the lock included: that is what the plugin waits) for the metrics.
 
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Instant};
 
 use podwire_core::{
     api::{ApiError, ErrorKind, Reply, Request},
@@ -14,7 +15,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::Agent;
+use crate::{metrics::Metrics, Agent};
 
 /// Binds the API socket at `path`, replacing a stale one left by a previous run. Only root may
 /// connect: the API hands out addresses and deletes interfaces.
@@ -33,13 +34,14 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves requests on `listener` until the task is dropped.
-pub async fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
+pub async fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener, metrics: Arc<Metrics>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let agent = agent.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(agent, stream).await {
+                    if let Err(e) = connection(agent, stream, &metrics).await {
                         warn!("API connection: {e}");
                     }
                 });
@@ -49,14 +51,21 @@ pub async fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
     }
 }
 
-async fn connection(agent: Arc<Mutex<Agent>>, stream: UnixStream) -> std::io::Result<()> {
+async fn connection(
+    agent: Arc<Mutex<Agent>>,
+    stream: UnixStream,
+    metrics: &Metrics,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let response: Result<Reply, ApiError> = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             debug!(?request, "API request");
+            let started = Instant::now();
+            let timed = crate::metrics::cni_command(&request);
             let answer = handle(&mut *agent.lock().await, request).await;
+            metrics.cni_request(timed, answer.is_ok(), started.elapsed());
             if let Err(e) = &answer {
                 warn!(kind = ?e.kind, "API request failed: {}", e.message);
             }
