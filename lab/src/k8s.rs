@@ -32,8 +32,9 @@ use nix::{
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
+pub use crate::kubelet::{KubeCluster, KubeNode};
 use crate::{
-    artifacts::k8s_bin,
+    artifacts::{k8s_bin, k8s_node_dir},
     namespaces::{command_in, sweep_stale, unique_name, NetNs},
     nodes::{Node, Underlay, CLUSTER_CIDR},
     processes::{run, run_with_stdin, Daemon},
@@ -52,8 +53,8 @@ pub const NAMESPACE: &str = "default";
 /// Bounds the waits for a process to come up or rules to appear against hanging, generously:
 /// kube-apiserver is ready 3-5 s after it starts on an idle machine, but the lab shares two CPUs
 /// with builds and other tests. Tests never assert on time.
-const TIMEOUT: Duration = Duration::from_secs(120);
-const POLL: Duration = Duration::from_millis(250);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const POLL: Duration = Duration::from_millis(250);
 /// How long kube-apiserver gets to exit after SIGTERM (it needs up to 5 s) before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of a daemon's log an error message quotes.
@@ -63,6 +64,8 @@ const LOG_TAIL: usize = 40;
 /// Dropping it kills both and removes their files and the host (fields drop in order: the API
 /// server before etcd, both before their files).
 pub struct ControlPlane {
+    /// kube-controller-manager and kube-scheduler, once started: they go before the API server.
+    controllers: Vec<Daemon>,
     apiserver: Daemon,
     etcd: Daemon,
     /// etcd's data, kube-apiserver's certificates, keys and tokens, the kubeconfig, the logs.
@@ -131,6 +134,7 @@ impl ControlPlane {
         let apiserver = Daemon::spawn(apiserver_command(&ns, ip, path)?, None)?;
 
         let cp = ControlPlane {
+            controllers: Vec::new(),
             apiserver,
             etcd,
             dir,
@@ -212,6 +216,71 @@ impl ControlPlane {
             .context("kube-apiserver after its restart")
     }
 
+    /// Starts kube-controller-manager and kube-scheduler next to the API server, as the lab's
+    /// admin, for a cluster of kubelet nodes: the controller manager gives every Node a /24 of
+    /// [`CLUSTER_CIDR`] as its podCIDR and mints ServiceAccount tokens (signed with the API
+    /// server's key, with its certificate as the cluster's CA); the scheduler binds pods to
+    /// nodes. Neither serves anything (`--port=0 --secure-port=0`).
+    pub fn start_controllers(&mut self) -> Result<()> {
+        let path = self.dir.path();
+        let common = |name: &str| -> Result<Command> {
+            let mut cmd = self.ns.command(k8s_bin(name)?);
+            cmd.arg(format!("--kubeconfig={}", self.kubeconfig().display()))
+                .arg(format!("--bind-address={}", self.ip))
+                .args(["--port=0", "--secure-port=0", "--leader-elect=false"])
+                .args(log_to_file(&path.join(format!("{name}.log"))));
+            Ok(cmd)
+        };
+        let mut manager = common("kube-controller-manager")?;
+        manager
+            .arg("--allocate-node-cidrs")
+            .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
+            .arg("--node-cidr-mask-size=24")
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                path.join("sa.key").display()
+            ))
+            .arg(format!(
+                "--root-ca-file={}",
+                path.join("certs/apiserver.crt").display()
+            ))
+            // No cloud: nothing programs routes for the podCIDRs but the lab.
+            .arg("--configure-cloud-routes=false");
+        let scheduler = common("kube-scheduler")?;
+        self.controllers = vec![
+            Daemon::spawn(manager, None)?,
+            Daemon::spawn(scheduler, None)?,
+        ];
+        Ok(())
+    }
+
+    /// The last lines of the log of `name`, kube-controller-manager or kube-scheduler.
+    pub fn controller_log(&self, name: &str) -> String {
+        tail(&self.dir.path().join(format!("{name}.log")))
+    }
+
+    /// Fails with its log if kube-apiserver, kube-controller-manager or kube-scheduler exited.
+    pub fn check_running(&self) -> Result<()> {
+        ensure!(
+            is_running(self.apiserver.pid()),
+            "kube-apiserver exited; its log ends:\n{}",
+            self.apiserver_log()
+        );
+        for (daemon, name) in self
+            .controllers
+            .iter()
+            .zip(["kube-controller-manager", "kube-scheduler"])
+        {
+            ensure!(
+                is_running(daemon.pid()),
+                "{name} exited; its log ends:\n{}",
+                self.controller_log(name)
+            );
+        }
+        Ok(())
+    }
+
     /// The kubeconfig of the lab's admin (a token of group system:masters).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")
@@ -275,6 +344,12 @@ impl ControlPlane {
     pub fn apiserver_log(&self) -> String {
         tail(&self.dir.path().join("kube-apiserver.log"))
     }
+}
+
+/// The pause program of the kubelet nodes' sandbox image (Kubernetes' pause.c, static), which
+/// `cargo xtask test` builds into target/k8s/node/bin.
+pub fn pause_binary() -> Result<PathBuf> {
+    Ok(k8s_node_dir()?.join("bin/pause"))
 }
 
 /// A Service's transport protocol.
@@ -559,17 +634,7 @@ impl KubeProxy {
         let dir = lab_dir("kube-proxy")?;
         let log = dir.path().join("kube-proxy.log");
         let mut cmd = node.command(&binary);
-        cmd.arg("--proxy-mode=iptables")
-            .arg(format!("--bind-address={}", node.ip))
-            .arg(format!("--cluster-cidr={CLUSTER_CIDR}"))
-            .arg("--conntrack-max-per-core=0")
-            .arg("--conntrack-min=0")
-            .arg("--conntrack-tcp-timeout-established=0")
-            .arg("--conntrack-tcp-timeout-close-wait=0")
-            .arg("--metrics-bind-address=127.0.0.1:10249")
-            .arg(format!("--healthz-bind-address={}:10256", node.ip))
-            .arg(format!("--hostname-override={name}"))
-            .arg(format!("--kubeconfig={}", cp.kubeconfig().display()))
+        cmd.args(kube_proxy_args(node.ip, name, &cp.kubeconfig()))
             .args(log_to_file(&log));
         let proxy = KubeProxy {
             daemon: Daemon::spawn(cmd, None)?,
@@ -666,6 +731,23 @@ fn apiserver_command(ns: &NetNs, ip: Ipv4Addr, dir: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
+/// kube-proxy's flags for the node `name` at `ip`; see [`KubeProxy::start`].
+pub(crate) fn kube_proxy_args(ip: Ipv4Addr, name: &str, kubeconfig: &Path) -> Vec<String> {
+    vec![
+        "--proxy-mode=iptables".to_owned(),
+        format!("--bind-address={ip}"),
+        format!("--cluster-cidr={CLUSTER_CIDR}"),
+        "--conntrack-max-per-core=0".to_owned(),
+        "--conntrack-min=0".to_owned(),
+        "--conntrack-tcp-timeout-established=0".to_owned(),
+        "--conntrack-tcp-timeout-close-wait=0".to_owned(),
+        "--metrics-bind-address=127.0.0.1:10249".to_owned(),
+        format!("--healthz-bind-address={ip}:10256"),
+        format!("--hostname-override={name}"),
+        format!("--kubeconfig={}", kubeconfig.display()),
+    ]
+}
+
 /// klog flags that send a Kubernetes binary's log to `file` (read on failure) instead of
 /// stderr, where nothing would read it while the lab runs; errors still go to stderr too.
 fn log_to_file(file: &Path) -> [String; 2] {
@@ -676,7 +758,7 @@ fn log_to_file(file: &Path) -> [String; 2] {
 }
 
 /// The last [`LOG_TAIL`] lines of the log `file`.
-fn tail(file: &Path) -> String {
+pub(crate) fn tail(file: &Path) -> String {
     let text = fs::read_to_string(file).unwrap_or_else(|e| format!("({}: {e})", file.display()));
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n")
@@ -684,7 +766,7 @@ fn tail(file: &Path) -> String {
 
 /// Whether the process `pid` (a child of ours) is still running: an exited child stays a zombie
 /// until its [`Daemon`] reaps it.
-fn is_running(pid: u32) -> bool {
+pub(crate) fn is_running(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         // The state follows the command name, which is in parentheses and may hold spaces.
         stat.rsplit_once(')')
@@ -696,7 +778,7 @@ fn is_running(pid: u32) -> bool {
 /// A directory for `role` in the temporary directory, removed on drop. Named as the lab names
 /// namespaces, so the first call sweeps those of killed lab processes: etcd's data alone takes
 /// over 100 MB (it preallocates its write-ahead log).
-fn lab_dir(role: &str) -> Result<tempfile::TempDir> {
+pub(crate) fn lab_dir(role: &str) -> Result<tempfile::TempDir> {
     static SWEEP: std::sync::Once = std::sync::Once::new();
     let tmp = std::env::temp_dir();
     SWEEP.call_once(|| sweep_stale(&tmp));
@@ -707,7 +789,7 @@ fn lab_dir(role: &str) -> Result<tempfile::TempDir> {
         .with_context(|| format!("creating a directory for {role} in {}", tmp.display()))
 }
 
-fn write(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 

@@ -4,7 +4,8 @@
 //! are wired by exec'ing the real CNI plugin as a container runtime does ([`cni`]); traffic
 //! between them is real ([`traffic`]), and so are the frames crafted for the programs
 //! ([`packets`]). [`k8s`] adds a real Kubernetes control plane and the real kube-proxy on the
-//! nodes, for Services. What `cargo xtask` built is found through [`artifacts`]. [`vm`] is what
+//! nodes, for Services; [`kubelet`] a whole cluster of real kubelet and containerd nodes, whose
+//! images [`images`] writes. What `cargo xtask` built is found through [`artifacts`]. [`vm`] is what
 //! `podwire-verify` reports from the VM `cargo xtask vm-verify` boots.
 //!
 //! Everything made here is removed when its guard drops, also when a test fails; leftovers of a
@@ -12,9 +13,9 @@
 
 pub mod artifacts;
 pub mod cni;
-pub mod dns;
 pub mod images;
 pub mod k8s;
+pub mod kubelet;
 pub mod namespaces;
 pub mod nodes;
 pub mod packets;
