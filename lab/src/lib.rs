@@ -13,6 +13,7 @@
 
 pub mod artifacts;
 pub mod cni;
+pub mod dns;
 pub mod images;
 pub mod k8s;
 pub mod kubelet;
