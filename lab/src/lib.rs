@@ -5,8 +5,8 @@
 //! between them is real ([`traffic`]), and so are the frames crafted for the programs
 //! ([`packets`]). [`k8s`] adds a real Kubernetes control plane and the real kube-proxy on the
 //! nodes, for Services; [`kubelet`] a whole cluster of real kubelet and containerd nodes, whose
-//! images [`images`] writes. What `cargo xtask` built is found through [`artifacts`]. [`vm`] is what
-//! `podwire-verify` reports from the VM `cargo xtask vm-verify` boots.
+//! images [`images`] writes. What `cargo xtask` built is found through [`artifacts`]. [`vm`] is
+//! what `podwire-verify` reports from the VM `cargo xtask vm-verify` boots.
 //!
 //! Everything made here is removed when its guard drops, also when a test fails; leftovers of a
 //! process that was killed are swept by the next one. Needs root.
