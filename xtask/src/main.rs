@@ -7,6 +7,8 @@ mod build;
 mod cmd;
 mod cnitool;
 mod demo;
+mod helm;
+mod image;
 mod k8s;
 mod k8s_node;
 mod run;
@@ -68,6 +70,9 @@ enum Cmd {
     },
     /// Boot Debian 12's 6.1 LTS kernel in qemu and check every program passes its verifier.
     VmVerify,
+    /// Build podwire's container image (localhost/podwire:<version>) on a Debian 12 base made
+    /// with mmdebstrap, save it as an OCI archive in target/image, and package the Helm chart.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -82,5 +87,6 @@ fn main() -> Result<()> {
         } => bench::run(reps, seconds, agent_args),
         Cmd::Test { args } => test::run(&args),
         Cmd::VmVerify => vm_verify::run(&build::ebpf(&toolchain::ensure(Needs::Build)?)?),
+        Cmd::Image => image::run(),
     }
 }
