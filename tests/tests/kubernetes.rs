@@ -320,7 +320,9 @@ fn kubernetes_node_table_follows_the_api_servers_nodes() -> Result<()> {
             "podwire_datapath_bytes_total{reason=\"redirect-local\"}"
         )? > 0.0
     );
-    drop(node);
+    // The restart cost the watch its connection (and, the new server's watch cache starting
+    // after the agent's last resourceVersion, a 410 Expired and a relist): counted.
+    assert!(metric(&node.ns, "podwire_cluster_sync_errors_total")? >= 1.0);
     Ok(())
 }
 
