@@ -146,7 +146,7 @@ fn kubelet_nodes_register_with_pod_cidrs_and_wait_for_a_cni() -> Result<()> {
 /// with an address of node1's podCIDR, its log reaches kubectl, `kubectl exec` runs in it, and
 /// the control plane's host reaches it.
 #[test]
-fn reference_bridge_cni_runs_a_busybox_pod_with_kubectl_exec() -> Result<()> {
+fn kubelet_node_runs_a_busybox_pod_on_the_reference_bridge_cni() -> Result<()> {
     let cluster = KubeCluster::start(2)?;
     let node = &cluster.nodes[0];
     let cidr = cluster.pod_cidr(&node.name)?;
