@@ -391,7 +391,10 @@ fn chart_renders_objects_kubernetes_1_20_accepts() -> Result<()> {
     ensure!(
         caps["drop"] == serde_json::json!(["ALL"])
             && caps["add"] == serde_json::json!(["BPF", "NET_ADMIN", "PERFMON"])
-            && agent["securityContext"]["privileged"].is_null(),
+            && agent["securityContext"]["privileged"].is_null()
+            && agent["securityContext"]["readOnlyRootFilesystem"] == true
+            && agent["securityContext"]["allowPrivilegeEscalation"] == false
+            && agent["securityContext"]["seccompProfile"]["type"] == "Unconfined",
         "agent capabilities: {}",
         agent["securityContext"]
     );
@@ -472,6 +475,21 @@ fn chart_renders_objects_kubernetes_1_20_accepts() -> Result<()> {
     ensure!(
         checksum.is_string() && checksum != custom_checksum,
         "the pods' config checksum did not change with the ConfigMap: {checksum}"
+    );
+
+    // Capabilities for kernels older than 5.8 (no BPF or PERFMON) and 5.11 (memlock): the
+    // API server refuses SYS_ADMIN without privilege escalation, so the chart allows it.
+    let old_kernel = template(
+        &["agent.capabilities={SYS_ADMIN,NET_ADMIN,SYS_RESOURCE}"],
+        &[],
+    )?;
+    let objects = lab.dry_run(&old_kernel)?;
+    let context = &objects.container("agent", false)?["securityContext"];
+    ensure!(
+        context["capabilities"]["add"]
+            == serde_json::json!(["SYS_ADMIN", "NET_ADMIN", "SYS_RESOURCE"])
+            && context["allowPrivilegeEscalation"] == true,
+        "agent security context for old kernels: {context}"
     );
 
     // Control: the server does validate. Bidirectional propagation, which bpffs's mount needs,
