@@ -32,9 +32,8 @@ use nix::{
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
-pub use crate::kubelet::{KubeCluster, KubeNode};
 use crate::{
-    artifacts::{k8s_bin, k8s_node_dir},
+    artifacts::k8s_bin,
     namespaces::{command_in, sweep_stale, unique_name, NetNs},
     nodes::{Node, Underlay, CLUSTER_CIDR},
     processes::{run, run_with_stdin, Daemon},
@@ -344,12 +343,6 @@ impl ControlPlane {
     pub fn apiserver_log(&self) -> String {
         tail(&self.dir.path().join("kube-apiserver.log"))
     }
-}
-
-/// The pause program of the kubelet nodes' sandbox image (Kubernetes' pause.c, static), which
-/// `cargo xtask test` builds into target/k8s/node/bin.
-pub fn pause_binary() -> Result<PathBuf> {
-    Ok(k8s_node_dir()?.join("bin/pause"))
 }
 
 /// A Service's transport protocol.
