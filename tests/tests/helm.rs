@@ -4,6 +4,8 @@
 //! back from what the server returned; values the agent or the plugin would reject refused at
 //! render time; and the RBAC the chart grants, applied for real and asked with `kubectl auth
 //! can-i` as the agent's ServiceAccount: every verb the agent uses is allowed, nothing wider.
+//! And the capabilities the chart gives the agent: with exactly those (and no new privileges) the
+//! agent runs on a lab node, and without any one of them it cannot start.
 //!
 //! helm comes from `cargo xtask test` (PODWIRE_HELM), or from target/helm/bin, where `cargo xtask
 //! image` (and `cargo xtask test`) put it.
@@ -15,10 +17,13 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use nix::sys::signal::Signal;
 use podwire_lab::{
+    artifacts::bin,
     k8s::{ControlPlane, CONTROL_PLANE_IP},
-    nodes::Underlay,
-    processes::{output_with_stdin, run, run_with_stdin},
+    namespaces::NetNs,
+    nodes::{Cluster, PinRoot, Underlay, CLUSTER_CIDR},
+    processes::{output_with_stdin, run, run_with_stdin, Daemon},
 };
 use serde_json::Value;
 
@@ -31,6 +36,14 @@ const RELEASE: &str = "podwire";
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:kube-system:podwire";
 /// The Kubernetes version the lab's API server runs, and the oldest the chart admits.
 const KUBE_VERSION: &str = "1.20.2";
+
+/// The capabilities the chart gives the agent's container (checked on the rendered DaemonSet),
+/// each with what fails without it: the agent's error when it runs with the others only.
+const AGENT_CAPS: [(&str, &str); 3] = [
+    ("BPF", "loading the eBPF object"),
+    ("NET_ADMIN", "creating VXLAN device pw-vxlan"),
+    ("PERFMON", "pointer comparison prohibited"),
+];
 
 /// Values other than the defaults for every setting the ConfigMap and the agent's command line
 /// carry.
@@ -388,9 +401,10 @@ fn chart_renders_objects_kubernetes_1_20_accepts() -> Result<()> {
         agent["image"]
     );
     let caps = &agent["securityContext"]["capabilities"];
+    let chart_caps: Vec<&str> = AGENT_CAPS.iter().map(|(cap, _)| *cap).collect();
     ensure!(
         caps["drop"] == serde_json::json!(["ALL"])
-            && caps["add"] == serde_json::json!(["BPF", "NET_ADMIN", "PERFMON"])
+            && caps["add"] == serde_json::json!(chart_caps)
             && agent["securityContext"]["privileged"].is_null()
             && agent["securityContext"]["readOnlyRootFilesystem"] == true
             && agent["securityContext"]["allowPrivilegeEscalation"] == false
@@ -562,5 +576,171 @@ fn rbac_grants_the_agent_what_it_needs_and_nothing_wider() -> Result<()> {
         }
     }
     ensure!(wrong.is_empty(), "RBAC of {SERVICE_ACCOUNT}: {wrong:#?}");
+    Ok(())
+}
+
+/// A lab node for one run of the agent under reduced privileges: a namespace on the underlay
+/// with node 1's address, a cluster file of two nodes, its own state, socket and pins.
+struct CappedNode {
+    ns: NetNs,
+    dir: tempfile::TempDir,
+    pins: PinRoot,
+}
+
+impl CappedNode {
+    fn new(underlay: &Underlay) -> Result<CappedNode> {
+        let ns = underlay.plug("node", Cluster::node_ip(0), false)?;
+        let dir = tempfile::tempdir()?;
+        let nodes: Vec<Value> = (0..2)
+            .map(|i| {
+                serde_json::json!({
+                    "name": Cluster::node_name(i),
+                    "address": Cluster::node_ip(i).to_string(),
+                    "podCIDR": Cluster::pod_cidr(i),
+                })
+            })
+            .collect();
+        let file = serde_json::json!({ "clusterCIDR": CLUSTER_CIDR, "nodes": nodes });
+        std::fs::write(dir.path().join("cluster.json"), file.to_string())?;
+        Ok(CappedNode {
+            ns,
+            dir,
+            pins: PinRoot::new(),
+        })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    /// The agent as root with only `caps` (bounding, permitted and effective sets) and no new
+    /// privileges, as the chart's container runs it; in file mode, since watching the API needs
+    /// no capability.
+    fn agent(&self, caps: &[&str]) -> Result<Daemon> {
+        let keep: String = caps
+            .iter()
+            .map(|cap| format!(",+{}", cap.to_lowercase()))
+            .collect();
+        let mut cmd = self.ns.command("setpriv");
+        cmd.arg("--no-new-privs")
+            .arg(format!("--bounding-set=-all{keep}"))
+            .arg(format!("--inh-caps=-all{keep}"))
+            .arg("--")
+            .arg(bin("podwire-agent")?)
+            .arg("--cluster-file")
+            .arg(self.dir.path().join("cluster.json"))
+            .args(["--node-name", &Cluster::node_name(0)])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--bpffs")
+            .arg(self.pins.path())
+            .env("PODWIRE_LOG", "info");
+        Daemon::spawn(cmd, None)
+    }
+
+    /// Execs the plugin on the node as a runtime does, for container `pod` in `netns`.
+    fn cni(&self, command: &str, netns: &NetNs) -> Result<Value> {
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0", "name": "podwire", "type": "podwire-cni",
+            "agentSocket": self.socket(),
+        });
+        let plugin = bin("podwire-cni")?;
+        let mut cmd = self.ns.command(&plugin);
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "capped-pod")
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", netns.path())
+            .env(
+                "CNI_PATH",
+                plugin.parent().context("the plugin's directory")?,
+            );
+        let out = output_with_stdin(&mut cmd, conf.to_string().as_bytes())?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "CNI {command}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_str(&stdout).unwrap_or(Value::Null))
+    }
+}
+
+/// Bit of capability `name` in /proc/PID/status's sets.
+fn cap_bit(name: &str) -> Result<u64> {
+    Ok(1 << match name {
+        "NET_ADMIN" => 12,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => bail!("no bit known for {other}"),
+    })
+}
+
+#[test]
+fn agent_works_with_the_charts_capabilities_and_needs_each() -> Result<()> {
+    let underlay = Underlay::new()?;
+    let all: Vec<&str> = AGENT_CAPS.iter().map(|(cap, _)| *cap).collect();
+
+    // Each one left out in turn: the agent cannot start, and says why.
+    for (missing, error) in AGENT_CAPS {
+        let node = CappedNode::new(&underlay)?;
+        let caps: Vec<&str> = all.iter().copied().filter(|c| *c != missing).collect();
+        let mut agent = node.agent(&caps)?;
+        agent
+            .wait_for_line(error)
+            .with_context(|| format!("the agent without CAP_{missing}"))?;
+        let (status, log) = agent.wait()?;
+        ensure!(
+            !status.success() && !log.iter().any(|l| l.contains("serving CNI requests")),
+            "the agent without CAP_{missing} ran: {status}\n{}",
+            log.join("\n")
+        );
+    }
+
+    // All of them: the agent loads, pins and attaches, writes its nftables table, wires a pod,
+    // and a second agent takes over the pinned datapath and releases the pod.
+    let node = CappedNode::new(&underlay)?;
+    let mut agent = node.agent(&all)?;
+    agent.wait_for_line("serving CNI requests")?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff")?;
+    let want = all.iter().map(|c| cap_bit(c)).sum::<Result<u64>>()?;
+    ensure!(
+        u64::from_str_radix(eff.trim(), 16)? == want,
+        "the agent's effective capabilities are {eff}, not {want:016x}"
+    );
+    let pod = NetNs::new("pod")?;
+    let result = node.cni("ADD", &pod)?;
+    let ip = result["ips"][0]["address"].as_str().unwrap_or_default();
+    ensure!(ip.starts_with("10.244.1."), "ADD result: {result}");
+    run(node
+        .ns
+        .command("nft")
+        .args(["list", "table", "ip", "podwire"]))
+    .context("the agent's nftables table")?;
+    let (status, log) = agent.stop(Signal::SIGTERM)?;
+    ensure!(status.success(), "agent exit {status}: {}", log.join("\n"));
+
+    let mut agent = node.agent(&all)?;
+    agent.wait_for_line("serving CNI requests")?;
+    let endpoints = run(node
+        .ns
+        .command(bin("podwire")?)
+        .arg("--bpffs")
+        .arg(node.pins.path())
+        .args(["endpoints", "-o", "json"]))?;
+    let address = ip.split('/').next().unwrap_or_default();
+    ensure!(
+        String::from_utf8_lossy(&endpoints.stdout).contains(address),
+        "the restarted agent lost the pod's endpoint: {}",
+        String::from_utf8_lossy(&endpoints.stdout)
+    );
+    node.cni("DEL", &pod)?;
+    let (status, log) = agent.stop(Signal::SIGTERM)?;
+    ensure!(status.success(), "agent exit {status}: {}", log.join("\n"));
     Ok(())
 }
