@@ -289,7 +289,7 @@ fn helm_template_refuses_values_podwire_would_reject() -> Result<()> {
 }
 
 #[test]
-fn chart_renders_objects_kubernetes_1_20_accepts() -> Result<()> {
+fn helm_chart_renders_objects_kubernetes_1_20_accepts() -> Result<()> {
     let lab = Lab::start()?;
 
     // The defaults.
@@ -523,7 +523,7 @@ fn chart_renders_objects_kubernetes_1_20_accepts() -> Result<()> {
 }
 
 #[test]
-fn rbac_grants_the_agent_what_it_needs_and_nothing_wider() -> Result<()> {
+fn helm_rbac_grants_the_agent_what_it_needs_and_nothing_wider() -> Result<()> {
     let lab = Lab::start()?;
     let mut helm = helm()?;
     helm.args(["template", RELEASE])
@@ -678,7 +678,7 @@ fn cap_bit(name: &str) -> Result<u64> {
 }
 
 #[test]
-fn agent_works_with_the_charts_capabilities_and_needs_each() -> Result<()> {
+fn helm_agent_works_with_the_charts_capabilities_and_needs_each() -> Result<()> {
     let underlay = Underlay::new()?;
     let all: Vec<&str> = AGENT_CAPS.iter().map(|(cap, _)| *cap).collect();
 
