@@ -6,7 +6,9 @@ mod bench;
 mod build;
 mod cmd;
 mod cnitool;
+mod conformance;
 mod demo;
+mod e2e_images;
 mod helm;
 mod image;
 mod k8s;
@@ -70,6 +72,17 @@ enum Cmd {
     },
     /// Boot Debian 12's 6.1 LTS kernel in qemu and check every program passes its verifier.
     VmVerify,
+    /// Run Kubernetes v1.20.2's networking conformance specs (upstream e2e.test, `[sig-network]
+    /// [Conformance]` without the DNS ones) against a real two-node cluster with podwire
+    /// installed by its Helm chart (needs root); prints the results and fails unless all pass.
+    Conformance {
+        /// The pod network: podwire, or the reference bridge plugin as the baseline.
+        #[arg(long, value_enum, default_value = "podwire")]
+        cni: conformance::Cni,
+        /// The Ginkgo focus regex selecting the specs.
+        #[arg(long, default_value = conformance::FOCUS)]
+        focus: String,
+    },
     /// Build podwire's container image (localhost/podwire:<version>) on a Debian 12 base made
     /// with mmdebstrap, save it as an OCI archive in target/image, and package the Helm chart.
     Image,
@@ -87,6 +100,7 @@ fn main() -> Result<()> {
         } => bench::run(reps, seconds, agent_args),
         Cmd::Test { args } => test::run(&args),
         Cmd::VmVerify => vm_verify::run(&build::ebpf(&toolchain::ensure(Needs::Build)?)?),
+        Cmd::Conformance { cni, focus } => conformance::run(cni, &focus),
         Cmd::Image => image::run(),
     }
 }
