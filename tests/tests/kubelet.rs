@@ -144,7 +144,8 @@ fn kubelet_nodes_register_with_pod_cidrs_and_wait_for_a_cni() -> Result<()> {
 /// The cluster works without podwire: with the reference `bridge` and `host-local` plugins
 /// configured on node1, that node turns Ready (node2 stays NotReady), a busybox pod runs there
 /// with an address of node1's podCIDR, its log reaches kubectl, `kubectl exec` runs in it, and
-/// the control plane's host reaches it.
+/// the control plane's host reaches it; a privileged pod's Bidirectional mount propagates into
+/// the node but not onto the machine.
 #[test]
 fn kubelet_node_runs_a_busybox_pod_on_the_reference_bridge_cni() -> Result<()> {
     let cluster = KubeCluster::start(2)?;
@@ -245,6 +246,60 @@ fn kubelet_node_runs_a_busybox_pod_on_the_reference_bridge_cni() -> Result<()> {
         .command("ping")
         .args(["-c", "1", "-W", "5", &ip.to_string()]))
     .context("pinging the pod from the control plane's host")?;
+
+    // A privileged pod's Bidirectional mount below the node's /sys/fs/bpf (as a CNI agent's
+    // DaemonSet mounts a bpffs there) reaches the node, and only the node.
+    let dir = format!("pwlab-bidirectional-{}", std::process::id());
+    cluster.cp.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "mounter", "namespace": "default" },
+        "spec": {
+            "nodeName": node.name,
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "mounter",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "securityContext": { "privileged": true },
+                "command": ["sh", "-c", format!(
+                    "mkdir -p /host-bpf/{dir} && mount -t tmpfs tmpfs /host-bpf/{dir} && \
+                     touch /host-bpf/{dir}/marker && exec sleep 3600"
+                )],
+                "volumeMounts": [{
+                    "name": "bpffs",
+                    "mountPath": "/host-bpf",
+                    "mountPropagation": "Bidirectional",
+                }],
+            }],
+            "volumes": [{ "name": "bpffs", "hostPath": { "path": "/sys/fs/bpf" } }],
+        },
+    }))?;
+    let marker = format!("/sys/fs/bpf/{dir}/marker");
+    let propagated = eventually(READY_TIMEOUT, || {
+        Ok(node
+            .command("test")
+            .args(["-e", &marker])
+            .status()?
+            .success())
+    })?;
+    ensure!(
+        propagated,
+        "the pod's mount at {marker} did not reach {}: {}",
+        node.name,
+        String::from_utf8_lossy(
+            &cluster
+                .kubectl(["describe", "pod", "mounter"])
+                .output()?
+                .stdout
+        )
+    );
+    assert!(
+        !Path::new("/sys/fs/bpf").join(&dir).exists(),
+        "the pod's mount below {}'s /sys/fs/bpf appeared on the machine",
+        node.name
+    );
     Ok(())
 }
 
