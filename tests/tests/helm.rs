@@ -437,6 +437,26 @@ fn helm_chart_renders_objects_kubernetes_1_20_accepts() -> Result<()> {
             .into(),
         "host paths: {host_paths:?}"
     );
+    // A read-only root: the agent's /run (its bpffs lock) is a private tmpfs, under its socket's
+    // host directory.
+    let mounts: Vec<&str> = agent["volumeMounts"]
+        .as_array()
+        .context("the agent mounts nothing")?
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    ensure!(
+        mounts.contains(&"/run") && mounts.contains(&"/run/podwire"),
+        "agent mounts: {mounts:?}"
+    );
+    let private_run = pod["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == "private-run"))
+        .context("no private-run volume")?;
+    ensure!(
+        private_run["emptyDir"]["medium"] == "Memory",
+        "private-run: {private_run}"
+    );
     let checksum = &ds["spec"]["template"]["metadata"]["annotations"]["checksum/config"];
 
     // Every value the ConfigMap and the command line carry changed, cniVersion 1.1.0.
