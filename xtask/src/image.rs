@@ -76,13 +76,32 @@ const PACKAGES: &[(&str, &str)] = &[
 /// `cargo xtask image`.
 pub fn run() -> Result<()> {
     let Built { bins, .. } = build::all(true, Needs::Build)?;
+    let archive = archive(&bins)?;
+    let chart = package_chart(
+        &workspace_root(),
+        archive.parent().expect("in target/image"),
+    )?;
+    println!(
+        "image {REPOSITORY}:{VERSION}: {} ({}; import with `ctr -n k8s.io images import {}`)",
+        archive.display(),
+        size(&archive)?,
+        archive.display()
+    );
+    println!("chart: {} ({})", chart.display(), size(&chart)?);
+    Ok(())
+}
+
+/// Builds the image from the binaries in `bins` (a release build for users; the tests may
+/// take their debug build) and saves it as target/image/podwire.oci.tar; returns that path.
+/// Seconds when only the binaries changed.
+pub fn archive(bins: &Path) -> Result<PathBuf> {
     toolchain::ensure_packages(PACKAGES)?;
     let root = workspace_root();
     let dir = root.join("target/image");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
     let rootfs = base_rootfs(&dir)?;
-    check_base(&rootfs, &bins)?;
+    check_base(&rootfs, bins)?;
     let base = import_base(&rootfs)?;
 
     let context = dir.join("context");
@@ -95,7 +114,7 @@ pub fn run() -> Result<()> {
     let image = format!("{REPOSITORY}:{VERSION}");
     let mut podman = Command::new("podman");
     podman
-        .args(["build", "--pull=never", "--timestamp=0"])
+        .args(["build", "--quiet", "--pull=never", "--timestamp=0"])
         .arg(format!("--build-arg=BASE={base}"))
         .arg(format!("--build-arg=VERSION={VERSION}"))
         .arg("--file")
@@ -113,16 +132,7 @@ pub fn run() -> Result<()> {
         .arg(&image);
     cmd::run(save).context("saving podwire's image")?;
     fs::rename(&partial, &archive)?;
-
-    let chart = package_chart(&root, &dir)?;
-    println!(
-        "image {image}: {} ({}; import with `ctr -n k8s.io images import {}`)",
-        archive.display(),
-        size(&archive)?,
-        archive.display()
-    );
-    println!("chart: {} ({})", chart.display(), size(&chart)?);
-    Ok(())
+    Ok(archive)
 }
 
 /// target/image/base.tar, made by mmdebstrap unless it exists for the same package list.
