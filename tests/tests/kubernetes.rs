@@ -323,8 +323,10 @@ fn kubernetes_node_table_follows_the_api_servers_nodes() -> Result<()> {
             "podwire_datapath_bytes_total{reason=\"redirect-local\"}"
         )? > 0.0
     );
-    // The restart's dropped watch and its 410 were counted and logged.
-    assert!(metric(&node.ns, "podwire_cluster_sync_errors_total")? >= 2.0);
+    // The restart's 410 (and the refused reconnects, if the watch retried while the server was
+    // down) were counted and logged.
+    let errors = metric(&node.ns, "podwire_cluster_sync_errors_total")?;
+    assert!(errors >= 1.0, "podwire_cluster_sync_errors_total {errors}");
     let log = node.stop_agent()?;
     let expired = log
         .iter()
