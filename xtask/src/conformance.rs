@@ -35,7 +35,9 @@ use podwire_lab::{
 use serde_json::json;
 
 use crate::{
-    build::workspace_root, e2e_images, helm, image, k8s, k8s_node, toolchain::ensure_packages,
+    build::{self, workspace_root, Built},
+    e2e_images, helm, image, k8s, k8s_node,
+    toolchain::{ensure_packages, Needs},
 };
 
 /// The specs upstream's networking conformance holds (32 in v1.20.2).
@@ -76,10 +78,11 @@ pub fn run(cni: Cni, focus: &str) -> Result<()> {
     podwire_lab::require_root()?;
     let k8s_bin = k8s::ensure()?;
     k8s_node::ensure()?;
-    let helm = match cni {
+    // podwire's image, built from a release build as users get it, and Helm.
+    let podwire = match cni {
         Cni::Podwire => {
-            image::run().context("building podwire's image")?;
-            Some(helm::ensure()?)
+            let Built { bins, .. } = build::all(true, Needs::Build)?;
+            Some((image::archive(&bins)?, helm::ensure()?))
         }
         Cni::Bridge => {
             ensure_packages(&[(
@@ -100,14 +103,17 @@ pub fn run(cni: Cni, focus: &str) -> Result<()> {
     let started = Instant::now();
     let cluster = KubeCluster::start(NODES)?;
     let dns = ClusterDns::start(&cluster.cp.ns, cluster.cp.ip, &cluster.kubeconfig())?;
-    // pause and busybox come with the nodes.
+    // pause and busybox come with the nodes; podwire's image is imported as a user would.
+    let mut images = vec![agnhost];
+    images.extend(podwire.as_ref().map(|(archive, _)| archive.clone()));
     for node in &cluster.nodes {
-        node.import_image(&agnhost)
-            .with_context(|| format!("importing {} into {}", e2e_images::AGNHOST, node.name))?;
+        for image in &images {
+            node.import_image(image)?;
+        }
     }
-    match cni {
-        Cni::Podwire => install_podwire(&cluster, helm.as_deref().unwrap_or(Path::new("helm")))?,
-        Cni::Bridge => install_bridge(&cluster)?,
+    match &podwire {
+        Some((_, helm)) => install_podwire(&cluster, helm)?,
+        None => install_bridge(&cluster)?,
     }
     cluster.wait_ready(READY_TIMEOUT)?;
     eprintln!(
