@@ -72,7 +72,7 @@ fn kubelet_nodes_register_with_pod_cidrs_and_wait_for_a_cni() -> Result<()> {
     let started = Instant::now();
     let cluster = KubeCluster::start(2)?;
     eprintln!(
-        "cluster of 2 kubelet nodes registered with podCIDRs in {:.1} s",
+        "cluster of 2 kubelet nodes registered with podCIDRs in {:.1} s (with any wait for another cluster)",
         started.elapsed().as_secs_f64()
     );
     let range: Ipv4Net = CLUSTER_CIDR.parse()?;
