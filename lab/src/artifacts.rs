@@ -97,7 +97,8 @@ pub fn cnitool() -> Result<PathBuf> {
     )
 }
 
-/// Path of the Kubernetes binary `name`: kube-apiserver or kube-proxy v1.20.2, which
+/// Path of the Kubernetes binary `name`: a v1.20.2 server or node binary (kube-apiserver,
+/// kube-controller-manager, kube-scheduler, kubelet, kube-proxy) or e2e.test or agnhost, which
 /// `cargo xtask test` builds from Debian's source package into target/k8s/bin, or etcd 3.4 or
 /// kubectl 1.20.2, which it takes out of Debian's packages into the same directory.
 pub fn k8s_bin(name: &str) -> Result<PathBuf> {

@@ -1,6 +1,9 @@
-//! A real Kubernetes for the lab: kube-apiserver and kube-proxy v1.20.2, etcd and kubectl, so the
-//! tests can create Services and watch the real kube-proxy program a podwire node. Everything
-//! lands in target/k8s/bin, the directory the lab runs them from.
+//! A real Kubernetes v1.20.2 for the lab: the control plane (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler), the node binaries (kubelet, kube-proxy), kubectl, and
+//! upstream's e2e suite (`e2e.test`) with its test server `agnhost`, so the tests can run podwire
+//! in a real cluster and hold it to the networking conformance specs. Everything lands in
+//! target/k8s/bin, the directory the lab runs them from; the nodes' container runtime is
+//! [`crate::k8s_node`]'s.
 //!
 //! etcd and kubectl 1.20.2 are Debian 12's (`etcd-server`, `kubernetes-client`), taken out of
 //! their packages rather than installed: installing `etcd-server` enables an etcd service on the
@@ -36,7 +39,10 @@ use crate::{apt::PrivateApt, build::workspace_root, cmd::run, toolchain::ensure_
 
 /// What the lab runs from the machine next to the binaries in target/k8s/bin.
 const RUN_PACKAGES: &[(&str, &str)] = &[
-    ("iptables", "the rules kube-proxy writes into lab nodes"),
+    (
+        "iptables",
+        "the rules kube-proxy and kubelet write into lab nodes",
+    ),
     (
         "conntrack",
         "kube-proxy clears stale UDP flows of Services with it",
@@ -51,7 +57,7 @@ const RUN_PACKAGES: &[(&str, &str)] = &[
 const BUILD_PACKAGES: &[(&str, &str)] = &[
     (
         "golang-1.19-go",
-        "Go 1.19, to build kube-apiserver and kube-proxy",
+        "Go 1.19, to build the Kubernetes binaries",
     ),
     (
         "golang-github-modern-go-reflect2-dev",
@@ -152,8 +158,9 @@ const PACKAGED: &[Packaged] = &[
     },
 ];
 
-/// Returns the directory holding kube-apiserver and kube-proxy v1.20.2, etcd and kubectl,
-/// fetching and building those that are missing; also installs the tools kube-proxy calls.
+/// Returns the directory holding the Kubernetes v1.20.2 binaries ([`BUILT`]), etcd and kubectl,
+/// fetching and building those that are missing; also installs the tools kube-proxy and kubelet
+/// call.
 pub fn ensure() -> Result<PathBuf> {
     ensure_packages(RUN_PACKAGES)?;
     let k8s = workspace_root().join("target/k8s");
@@ -181,7 +188,7 @@ pub fn ensure() -> Result<PathBuf> {
         let names: Vec<&str> = built.iter().map(|b| b.name).collect();
         eprintln!(
             "xtask: building {} {VERSION} from Debian's {SOURCE_PACKAGE} source package with Go \
-             1.19 (the lab's Kubernetes control plane and kube-proxy; several minutes, once)",
+             1.19 (the lab's Kubernetes; several minutes, once)",
             names.join(", ")
         );
         let started = Instant::now();
