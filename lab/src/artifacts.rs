@@ -130,3 +130,27 @@ pub fn k8s_node_dir() -> Result<PathBuf> {
     );
     Ok(dir)
 }
+
+/// Environment variable naming podwire's container image, an OCI archive.
+pub const IMAGE_ARCHIVE_ENV: &str = "PODWIRE_IMAGE_ARCHIVE";
+/// Environment variable naming the helm binary.
+pub const HELM_ENV: &str = "PODWIRE_HELM";
+
+/// podwire's container image as an OCI archive (`localhost/podwire:<version>`), which `cargo
+/// xtask test` and `cargo xtask image` build into target/image.
+pub fn image_archive() -> Result<PathBuf> {
+    existing(
+        std::env::var_os(IMAGE_ARCHIVE_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target().join("image/podwire.oci.tar")),
+    )
+}
+
+/// helm 3, which `cargo xtask test` and `cargo xtask image` put into target/helm/bin.
+pub fn helm() -> Result<PathBuf> {
+    existing(
+        std::env::var_os(HELM_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target().join("helm/bin/helm")),
+    )
+}

@@ -8,11 +8,13 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use podwire_lab::artifacts::{BIN_DIR_ENV, CNITOOL_ENV, K8S_BIN_DIR_ENV, K8S_NODE_DIR_ENV};
+use podwire_lab::artifacts::{
+    BIN_DIR_ENV, CNITOOL_ENV, HELM_ENV, IMAGE_ARCHIVE_ENV, K8S_BIN_DIR_ENV, K8S_NODE_DIR_ENV,
+};
 
 use crate::{
     build::{self, Built},
-    cnitool, k8s, k8s_node,
+    cnitool, helm, image, k8s, k8s_node,
     toolchain::Needs,
     vm_verify,
 };
@@ -23,13 +25,18 @@ pub fn run(args: &[String]) -> Result<()> {
     let cnitool = cnitool::ensure()?;
     let k8s = k8s::ensure()?;
     let k8s_node = k8s_node::ensure()?;
+    // The image the tests install with helm holds this very build (debug: no second compile).
+    let image = image::archive(&bins)?;
+    let helm = helm::ensure()?;
     let mut cargo = build::userspace_cargo(&object);
     cargo
         .args(["test", "--workspace", "--exclude", "podwire-ebpf"])
         .env(BIN_DIR_ENV, &bins)
         .env(CNITOOL_ENV, &cnitool)
         .env(K8S_BIN_DIR_ENV, &k8s)
-        .env(K8S_NODE_DIR_ENV, &k8s_node);
+        .env(K8S_NODE_DIR_ENV, &k8s_node)
+        .env(IMAGE_ARCHIVE_ENV, &image)
+        .env(HELM_ENV, &helm);
     if !args.is_empty() {
         cargo.arg("--").args(args);
     }
