@@ -19,6 +19,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use nix::sys::signal::Signal;
 use podwire_lab::{
+    artifacts,
     artifacts::bin,
     k8s::{ControlPlane, CONTROL_PLANE_IP},
     namespaces::NetNs,
@@ -27,8 +28,6 @@ use podwire_lab::{
 };
 use serde_json::Value;
 
-/// Environment variable naming the helm binary.
-const HELM_ENV: &str = "PODWIRE_HELM";
 /// The namespace the chart is installed into, as the docs say.
 const NAMESPACE: &str = "kube-system";
 /// The release name; the chart names every object after it.
@@ -68,16 +67,7 @@ fn chart() -> PathBuf {
 }
 
 fn helm() -> Result<Command> {
-    let path = std::env::var_os(HELM_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/helm/bin/helm"));
-    ensure!(
-        path.exists(),
-        "{} not found: run the tests through `cargo xtask test` or run `cargo xtask image` once \
-         (either puts helm there), or name a helm 3 binary in {HELM_ENV}",
-        path.display()
-    );
-    Ok(Command::new(path))
+    Ok(Command::new(artifacts::helm()?))
 }
 
 /// `helm template` of the chart for Kubernetes v1.20.2 with `set` (`--set` for each, and

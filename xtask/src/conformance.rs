@@ -154,7 +154,7 @@ pub fn run(cni: Cni, focus: &str) -> Result<()> {
 }
 
 /// `helm install` of helm/podwire into kube-system; the image was imported into the nodes.
-fn install_podwire(cluster: &KubeCluster, helm: &Path) -> Result<()> {
+pub fn install_podwire(cluster: &KubeCluster, helm: &Path) -> Result<()> {
     let chart = workspace_root().join("helm/podwire");
     let mut install = cluster.cp.ns.command(helm);
     install

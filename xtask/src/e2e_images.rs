@@ -25,14 +25,13 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use podwire_lab::images::{docker_archive, ImageConfig};
 
-use crate::{apt::PrivateApt, build::workspace_root, cmd::run};
+use crate::{apt::PrivateApt, build::workspace_root, cmd::run, k8s};
 
 /// Bumped whenever what goes into an image changes, so archives built before are rebuilt.
 const REVISION: u32 = 1;
 
-/// Kubernetes' source package, for the two porter files the agnhost image carries (the Kubernetes
-/// build keeps only its binaries).
-const KUBERNETES_SOURCE: &str = "kubernetes=1.20.5+really1.20.2-1.1+deb12u1";
+/// The files of Kubernetes' source package ([`k8s::source_package`]) that the agnhost image
+/// carries (the Kubernetes build keeps only its binaries).
 const PORTER_FILES: &[&str] = &["localhost.crt", "localhost.key"];
 
 /// agnhost's userland: the dynamic busybox, glibc's runtime, dash, OpenBSD's netcat and the
@@ -227,7 +226,8 @@ fn porter_files(apt: &PrivateApt, work: &Path, cache: &Path) -> Result<PathBuf> 
         return Ok(cache.to_owned());
     }
     let download = work.join("kubernetes-source");
-    apt.download(&download, &["source", "--download-only", KUBERNETES_SOURCE])?;
+    let source = k8s::source_package();
+    apt.download(&download, &["source", "--download-only", &source])?;
     let orig = fs::read_dir(&download)
         .with_context(|| format!("listing {}", download.display()))?
         .filter_map(|entry| Some(entry.ok()?.path()))

@@ -70,6 +70,11 @@ const VERSION: &str = "v1.20.2";
 /// v1.20.2 tree.
 const DEBIAN_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
 const SOURCE_PACKAGE: &str = "kubernetes";
+
+/// The source package at the version of the built binaries, as `apt-get source` takes it.
+pub fn source_package() -> String {
+    format!("{SOURCE_PACKAGE}={DEBIAN_VERSION}")
+}
 const GOROOT: &str = "/usr/lib/go-1.19";
 const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 /// The tree's Go import path: GOPATH mode finds it at $GOPATH/src/k8s.io/kubernetes.
@@ -301,7 +306,7 @@ fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) ->
 /// (name, main package) into `bin`.
 fn build(apt: &PrivateApt, work: &Path, binaries: &[Built], bin: &Path) -> Result<()> {
     let download = work.join("download");
-    let source = format!("{SOURCE_PACKAGE}={DEBIAN_VERSION}");
+    let source = source_package();
     apt.download(&download, &["source", "--download-only", &source])?;
     let tree = work.join("gopath/src").join(IMPORT_PATH);
     unpack_orig(&download, &tree)?;
@@ -380,7 +385,7 @@ fn generate_bindata(work: &Path, tree: &Path) -> Result<()> {
 /// `work`, without unpacking the rest; returns where it is.
 pub(crate) fn source_file(apt: &PrivateApt, work: &Path, path: &str) -> Result<PathBuf> {
     let download = work.join("download");
-    let source = format!("{SOURCE_PACKAGE}={DEBIAN_VERSION}");
+    let source = source_package();
     apt.download(&download, &["source", "--download-only", &source])?;
     let orig = orig_tarball(&download)?;
     let mut tar = Command::new("tar");

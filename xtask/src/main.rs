@@ -8,6 +8,7 @@ mod cmd;
 mod cnitool;
 mod conformance;
 mod demo;
+mod demo_kubernetes;
 mod e2e_images;
 mod helm;
 mod image;
@@ -49,7 +50,13 @@ enum Cmd {
     },
     /// Bring up a two-node cluster running the agent and pods wired through the CNI plugin, show
     /// pod-to-pod traffic carried by the eBPF datapath and its counters, and tear everything down.
-    Demo,
+    Demo {
+        /// Instead: a real Kubernetes v1.20.2 cluster (kubelet and containerd nodes) with podwire
+        /// installed by `helm install` of its chart, a Deployment and a Service on it, left running
+        /// for kubectl until Ctrl-C.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Measure podwire against the kernel's classic datapaths (Linux bridge, kernel VXLAN) in
     /// one run: TCP throughput and request/response, medians and ratios.
     Bench {
@@ -92,7 +99,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Build { release } => build::run(release),
         Cmd::Run { release, args } => run::run(release, &args),
-        Cmd::Demo => demo::run(),
+        Cmd::Demo { kubernetes: false } => demo::run(),
+        Cmd::Demo { kubernetes: true } => demo_kubernetes::run(),
         Cmd::Bench {
             reps,
             seconds,
