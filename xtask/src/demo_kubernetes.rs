@@ -112,8 +112,8 @@ pub fn run() -> Result<()> {
          \x20  {k} -n kube-system exec ds/podwire -- podwire counters --nonzero\n\
          \x20  {k} -n kube-system logs ds/podwire\n\
          \x20  {k} -n kube-system rollout restart ds/podwire   # pods keep their traffic\n\
-         ({k} runs kubectl {} in the control plane's network namespace {}, where the API server \
-         listens.)\n\
+         ({k} is kubectl with the admin's kubeconfig {}, run in the control plane's network \
+         namespace {}, where the API server listens.)\n\
          Ctrl-C removes everything.",
         cluster.kubeconfig().display(),
         cluster.cp.ns.name(),
