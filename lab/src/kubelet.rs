@@ -438,6 +438,28 @@ impl KubeNode {
         self.dir.path().join("cni-bin")
     }
 
+    /// Makes the reference `bridge` + `host-local` plugins (Debian's containernetworking-plugins)
+    /// this node's CNI, as a cluster without podwire would have it: pods on a bridge whose
+    /// address is their gateway, hairpin on (a pod reaches itself through a Service), addresses
+    /// from `pod_cidr`. The conflist is written then renamed: the runtime never reads half a file.
+    pub fn install_reference_bridge(&self, pod_cidr: &str) -> Result<()> {
+        for plugin in ["bridge", "host-local"] {
+            let from = Path::new(REFERENCE_PLUGINS).join(plugin);
+            fs::copy(&from, self.cni_bin_dir().join(plugin)).with_context(|| {
+                format!(
+                    "copying {} into {}'s CNI plugins (Debian's containernetworking-plugins)",
+                    from.display(),
+                    self.name
+                )
+            })?;
+        }
+        let dir = self.cni_conf_dir();
+        let partial = dir.join(".10-bridge.conflist.partial");
+        write(&partial, &bridge_conflist(pod_cidr).to_string())?;
+        fs::rename(&partial, dir.join("10-bridge.conflist"))
+            .with_context(|| format!("renaming {}", partial.display()))
+    }
+
     /// The node's /var/lib/podwire, seen from the machine.
     pub fn podwire_dir(&self) -> PathBuf {
         self.dir.path().join("podwire")
@@ -931,11 +953,43 @@ impl Drop for MountPoints {
     }
 }
 
+/// Where Debian's containernetworking-plugins installs the reference plugins.
+const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// The reference `bridge` conflist for a node with `pod_cidr`.
+fn bridge_conflist(pod_cidr: &str) -> Value {
+    serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": "lab-bridge",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "hairpinMode": true,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": pod_cidr }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+            },
+        }],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn the_bridge_conflist_allocates_from_the_node_cidr() {
+        let conf = bridge_conflist("10.244.1.0/24");
+        assert_eq!(conf["plugins"][0]["type"], "bridge");
+        assert_eq!(
+            conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
+            "10.244.1.0/24"
+        );
+    }
 
     #[test]
     fn hierarchies_are_the_cgroup_mounts_below_sys_fs_cgroup() {

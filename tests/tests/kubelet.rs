@@ -22,10 +22,6 @@ use podwire_lab::{
 };
 use serde_json::json;
 
-/// Debian's reference CNI plugins (containernetworking-plugins, which `cargo xtask test`
-/// installs).
-const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
-
 /// What a restart must keep: objects (in etcd) and the clients' kubeconfig (the certificate the
 /// API server made for itself in its cert directory).
 #[test]
@@ -151,29 +147,7 @@ fn kubelet_node_runs_a_busybox_pod_on_the_reference_bridge_cni() -> Result<()> {
     let cluster = KubeCluster::start(2)?;
     let node = &cluster.nodes[0];
     let cidr = cluster.pod_cidr(&node.name)?;
-    for plugin in ["bridge", "host-local"] {
-        let from = Path::new(REFERENCE_PLUGINS).join(plugin);
-        fs::copy(&from, node.cni_bin_dir().join(plugin))
-            .with_context(|| format!("copying {}", from.display()))?;
-    }
-    let conflist = json!({
-        "cniVersion": "0.4.0",
-        "name": "lab-bridge",
-        "plugins": [{
-            "type": "bridge",
-            "bridge": "cni0",
-            "isGateway": true,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": cidr }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-            },
-        }],
-    });
-    fs::write(
-        node.cni_conf_dir().join("10-bridge.conflist"),
-        conflist.to_string(),
-    )?;
+    node.install_reference_bridge(&cidr)?;
     let started = Instant::now();
     wait_node_ready(&cluster, &node.name)?;
     eprintln!(

@@ -71,4 +71,22 @@ impl PrivateApt {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         run(self.command(dir, args)).with_context(|| format!("apt-get {}", args.join(" ")))
     }
+
+    /// Downloads the binary `packages` into `dir` and unpacks every one of them, files only (no
+    /// maintainer scripts, nothing installed), into `dir`/root; returns that root.
+    pub fn unpack(&self, dir: &Path, packages: &[&str]) -> Result<PathBuf> {
+        let mut args = vec!["download"];
+        args.extend(packages);
+        self.download(dir, &args)?;
+        let root = dir.join("root");
+        for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+            let deb = entry?.path();
+            if deb.extension().is_some_and(|ext| ext == "deb") {
+                let mut unpack = Command::new("dpkg-deb");
+                unpack.arg("-x").arg(&deb).arg(&root);
+                run(unpack).with_context(|| format!("unpacking {}", deb.display()))?;
+            }
+        }
+        Ok(root)
+    }
 }

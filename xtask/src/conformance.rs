@@ -32,7 +32,6 @@ use podwire_lab::{
     kubelet::KubeCluster,
     processes::run as run_lab,
 };
-use serde_json::json;
 
 use crate::{
     build::{self, workspace_root, Built},
@@ -51,9 +50,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// The Helm release and namespace of podwire.
 const RELEASE: &str = "podwire";
 const RELEASE_NAMESPACE: &str = "kube-system";
-/// Where Debian's containernetworking-plugins keeps the reference plugins `--cni bridge` copies
-/// into each node.
-const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// The pod network the cluster runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -176,27 +172,8 @@ fn install_bridge(cluster: &KubeCluster) -> Result<()> {
     let mut cidrs = Vec::new();
     for node in &cluster.nodes {
         let cidr = cluster.pod_cidr(&node.name)?;
-        let bin = node.cni_bin_dir();
-        for plugin in ["bridge", "host-local", "loopback"] {
-            let from = Path::new(REFERENCE_PLUGINS).join(plugin);
-            fs::copy(&from, bin.join(plugin)).with_context(|| {
-                format!(
-                    "copying {} into {}'s CNI plugins (Debian's containernetworking-plugins)",
-                    from.display(),
-                    node.name
-                )
-            })?;
-        }
+        node.install_reference_bridge(&cidr)?;
         cidrs.push((node.ip, cidr));
-    }
-    for (node, (_, cidr)) in cluster.nodes.iter().zip(&cidrs) {
-        // Write then rename: the runtime never reads half a file.
-        let dir = node.cni_conf_dir();
-        let partial = dir.join(".10-bridge.conflist.partial");
-        fs::write(&partial, bridge_conflist(cidr).to_string())
-            .with_context(|| format!("writing {}", partial.display()))?;
-        fs::rename(&partial, dir.join("10-bridge.conflist"))
-            .with_context(|| format!("renaming {}", partial.display()))?;
     }
     for node in &cluster.nodes {
         for (via, cidr) in routes_from(node.ip, &cidrs) {
@@ -205,26 +182,6 @@ fn install_bridge(cluster: &KubeCluster) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The `bridge` conflist for a node with `pod_cidr`: pods on a bridge whose address is their
-/// gateway, hairpin on (a pod reaches itself through a Service).
-fn bridge_conflist(pod_cidr: &str) -> serde_json::Value {
-    json!({
-        "cniVersion": "0.4.0",
-        "name": "lab-bridge",
-        "plugins": [{
-            "type": "bridge",
-            "bridge": "cni0",
-            "isGateway": true,
-            "hairpinMode": true,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": pod_cidr }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-            },
-        }],
-    })
 }
 
 /// The routes the node at `own` needs to the pod CIDRs of the nodes (address, podCIDR): every
@@ -432,16 +389,6 @@ mod tests {
         assert_eq!(
             routes_from(node2, &nodes),
             [(node1, "10.244.0.0/24".to_owned())]
-        );
-    }
-
-    #[test]
-    fn the_bridge_conflist_allocates_from_the_node_cidr() {
-        let conf = bridge_conflist("10.244.1.0/24");
-        assert_eq!(conf["plugins"][0]["type"], "bridge");
-        assert_eq!(
-            conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
-            "10.244.1.0/24"
         );
     }
 }

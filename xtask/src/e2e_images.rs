@@ -33,6 +33,8 @@ const REVISION: u32 = 1;
 /// The files of Kubernetes' source package ([`k8s::source_package`]) that the agnhost image
 /// carries (the Kubernetes build keeps only its binaries).
 const PORTER_FILES: &[&str] = &["localhost.crt", "localhost.key"];
+/// Where they are in the tree.
+const PORTER_DIR: &str = "test/images/agnhost/porter";
 
 /// agnhost's userland: the dynamic busybox, glibc's runtime, dash, OpenBSD's netcat and the
 /// libraries it links.
@@ -158,7 +160,7 @@ fn agnhost_rootfs(
     // As upstream's Dockerfile lays it out.
     copy(agnhost, &rootfs.join("agnhost"))?;
     link("agnhost", &rootfs.join("agnhost-2"))?;
-    let porter = porter_files(apt, work, &cache.join("porter"))?;
+    let porter = porter_files(apt, &cache.join("porter"))?;
     for name in PORTER_FILES {
         copy(&porter.join(name), &rootfs.join(name))?;
     }
@@ -221,38 +223,27 @@ fn busybox_applets(bin: &Path) -> Result<()> {
 
 /// Porter's certificate and key (test/images/agnhost/porter in the Kubernetes tree), taken out
 /// of Kubernetes' source package into `cache` once.
-fn porter_files(apt: &PrivateApt, work: &Path, cache: &Path) -> Result<PathBuf> {
+fn porter_files(apt: &PrivateApt, cache: &Path) -> Result<PathBuf> {
     if PORTER_FILES.iter().all(|name| cache.join(name).exists()) {
         return Ok(cache.to_owned());
     }
-    let download = work.join("kubernetes-source");
-    let source = k8s::source_package();
-    apt.download(&download, &["source", "--download-only", &source])?;
-    let orig = fs::read_dir(&download)
-        .with_context(|| format!("listing {}", download.display()))?
-        .filter_map(|entry| Some(entry.ok()?.path()))
-        .find(|path| path.to_string_lossy().ends_with(".orig.tar.gz"))
-        .with_context(|| {
-            format!(
-                "apt-get source left no orig tarball in {}",
-                download.display()
-            )
-        })?;
     let partial = cache.with_extension("partial");
+    if partial.exists() {
+        fs::remove_dir_all(&partial).with_context(|| format!("removing {}", partial.display()))?;
+    }
     make_dir(&partial)?;
-    let mut tar = Command::new("tar");
-    // The tarball holds one directory, kubernetes-1.20.2/.
-    tar.arg("-xzf")
-        .arg(&orig)
-        .arg("-C")
-        .arg(&partial)
-        .args(["--strip-components=5", "--wildcards"])
-        .args(
-            PORTER_FILES
-                .iter()
-                .map(|name| format!("*/test/images/agnhost/porter/{name}")),
-        );
-    run(tar).with_context(|| format!("taking porter's files out of {}", orig.display()))?;
+    let paths: Vec<String> = PORTER_FILES
+        .iter()
+        .map(|name| format!("{PORTER_DIR}/{name}"))
+        .collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    k8s::source_files(apt, &partial, &paths)?;
+    for name in PORTER_FILES {
+        let from = partial.join(PORTER_DIR).join(name);
+        fs::rename(&from, partial.join(name))
+            .with_context(|| format!("moving {}", from.display()))?;
+    }
+    fs::remove_dir_all(partial.join("test")).context("removing porter's tree")?;
     if cache.exists() {
         fs::remove_dir_all(cache).with_context(|| format!("removing {}", cache.display()))?;
     }

@@ -270,29 +270,20 @@ impl Packaged {
 
 /// Takes the `packaged` binaries out of their Debian packages into `bin`.
 fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) -> Result<()> {
-    let mut args = vec!["download".to_owned()];
+    let mut packages = Vec::new();
     for p in packaged {
         eprintln!(
             "xtask: taking {} out of Debian's {} package (the lab's Kubernetes control plane \
              runs it)",
             p.name, p.package
         );
-        args.push(match p.pinned {
+        packages.push(match p.pinned {
             true => format!("{}={DEBIAN_VERSION}", p.package),
             false => p.package.to_owned(),
         });
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    apt.download(debs, &args)?;
-    let root = debs.join("root");
-    for entry in fs::read_dir(debs).with_context(|| format!("listing {}", debs.display()))? {
-        let deb = entry?.path();
-        if deb.extension().is_some_and(|ext| ext == "deb") {
-            let mut unpack = Command::new("dpkg-deb");
-            unpack.arg("-x").arg(&deb).arg(&root);
-            run(unpack).with_context(|| format!("unpacking {}", deb.display()))?;
-        }
-    }
+    let packages: Vec<&str> = packages.iter().map(String::as_str).collect();
+    let root = apt.unpack(debs, &packages)?;
     for p in packaged {
         let from = root.join("usr/bin").join(p.name);
         let to = bin.join(p.name);
@@ -381,23 +372,27 @@ fn generate_bindata(work: &Path, tree: &Path) -> Result<()> {
     run(generate).context("generating the e2e suite's bindata")
 }
 
-/// Takes the file `path` (relative to the tree) out of the source package's orig tarball into
-/// `work`, without unpacking the rest; returns where it is.
-pub(crate) fn source_file(apt: &PrivateApt, work: &Path, path: &str) -> Result<PathBuf> {
+/// Takes the files `paths` (relative to the tree) out of the source package's orig tarball into
+/// `work` (under the same relative paths), without unpacking the rest.
+pub(crate) fn source_files(apt: &PrivateApt, work: &Path, paths: &[&str]) -> Result<()> {
     let download = work.join("download");
     let source = source_package();
     apt.download(&download, &["source", "--download-only", &source])?;
     let orig = orig_tarball(&download)?;
     let mut tar = Command::new("tar");
+    // The tarball holds one directory, kubernetes-1.20.2/.
     tar.arg("-xzf")
         .arg(&orig)
         .arg("-C")
         .arg(work)
         .arg("--strip-components=1")
-        .arg(format!("kubernetes-{}/{path}", &VERSION[1..]));
-    run(tar).with_context(|| format!("taking {path} out of {}", orig.display()))?;
-    fs::remove_dir_all(&download).with_context(|| format!("removing {}", download.display()))?;
-    Ok(work.join(path))
+        .args(
+            paths
+                .iter()
+                .map(|path| format!("kubernetes-{}/{path}", &VERSION[1..])),
+        );
+    run(tar).with_context(|| format!("taking {paths:?} out of {}", orig.display()))?;
+    fs::remove_dir_all(&download).with_context(|| format!("removing {}", download.display()))
 }
 
 /// The orig tarball `apt-get source` left in `download`.

@@ -178,18 +178,7 @@ fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) ->
     let mut packages: Vec<&str> = packaged.iter().map(|p| p.package).collect();
     packages.sort_unstable();
     packages.dedup();
-    let mut args = vec!["download"];
-    args.extend(&packages);
-    apt.download(debs, &args)?;
-    let root = debs.join("root");
-    for entry in fs::read_dir(debs).with_context(|| format!("listing {}", debs.display()))? {
-        let deb = entry?.path();
-        if deb.extension().is_some_and(|ext| ext == "deb") {
-            let mut unpack = Command::new("dpkg-deb");
-            unpack.arg("-x").arg(&deb).arg(&root);
-            run(unpack).with_context(|| format!("unpacking {}", deb.display()))?;
-        }
-    }
+    let root = apt.unpack(debs, &packages)?;
     for p in packaged {
         let from = root.join(p.path);
         let to = bin.join(p.name);
@@ -201,7 +190,8 @@ fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) ->
 
 /// Compiles Kubernetes' pause.c, taken out of the source package, statically into `out`.
 fn build_pause(apt: &PrivateApt, work: &Path, out: &Path) -> Result<()> {
-    let source = k8s::source_file(apt, work, PAUSE_SOURCE)?;
+    k8s::source_files(apt, work, &[PAUSE_SOURCE])?;
+    let source = work.join(PAUSE_SOURCE);
     let mut gcc = Command::new("gcc");
     gcc.args(["-Os", "-static", "-Wall", "-Werror"])
         .arg(format!("-DVERSION=v{PAUSE_VERSION}"))
