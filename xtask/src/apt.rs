@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::cmd::run;
+use crate::cmd::{reports, run};
 
 /// The machine's own apt sources (deb822), whose archives the private copy uses.
 const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
@@ -88,5 +88,50 @@ impl PrivateApt {
             }
         }
         Ok(root)
+    }
+}
+
+/// A binary taken out of a Debian package (files extracted, nothing installed).
+pub struct Packaged {
+    pub name: &'static str,
+    /// The binary package.
+    pub package: &'static str,
+    /// The package version apt must take, when any will not do.
+    pub pin: Option<&'static str>,
+    /// Where the package installs the binary.
+    pub path: &'static str,
+    /// Arguments that make it print its version on stdout, and what that holds.
+    pub version_args: &'static [&'static str],
+    pub version: &'static str,
+}
+
+impl Packaged {
+    /// Whether the binary is in `bin` and the version wanted.
+    pub fn is_in(&self, bin: &Path) -> bool {
+        reports(&bin.join(self.name), self.version_args, self.version)
+    }
+}
+
+impl PrivateApt {
+    /// Takes the `packaged` binaries out of their packages (downloaded into `debs`) into `bin`.
+    pub fn extract(&self, debs: &Path, packaged: &[&Packaged], bin: &Path) -> Result<()> {
+        let mut packages: Vec<String> = packaged
+            .iter()
+            .map(|p| match p.pin {
+                Some(version) => format!("{}={version}", p.package),
+                None => p.package.to_owned(),
+            })
+            .collect();
+        packages.sort_unstable();
+        packages.dedup();
+        let packages: Vec<&str> = packages.iter().map(String::as_str).collect();
+        let root = self.unpack(debs, &packages)?;
+        for p in packaged {
+            let from = root.join(p.path);
+            let to = bin.join(p.name);
+            fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+        Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Running child processes with their command line in every error.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -11,4 +11,12 @@ pub fn run(mut cmd: Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Whether `binary` runs and prints `version` on stdout when called with `args`.
+pub fn reports(binary: &Path, args: &[&str], version: &str) -> bool {
+    Command::new(binary)
+        .args(args)
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(version))
 }

@@ -35,7 +35,12 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
-use crate::{apt::PrivateApt, build::workspace_root, cmd::run, toolchain::ensure_packages};
+use crate::{
+    apt::{Packaged, PrivateApt},
+    build::workspace_root,
+    cmd::{reports, run},
+    toolchain::ensure_packages,
+};
 
 /// What the lab runs from the machine next to the binaries in target/k8s/bin.
 const RUN_PACKAGES: &[(&str, &str)] = &[
@@ -134,30 +139,21 @@ const BUILT: &[Built] = &[
     },
 ];
 
-/// A binary taken from a Debian package.
-struct Packaged {
-    name: &'static str,
-    /// The binary package.
-    package: &'static str,
-    /// Whether the package must be at [`DEBIAN_VERSION`], the Kubernetes of the built binaries.
-    pinned: bool,
-    /// Arguments that make it print its version on stdout, and what that holds.
-    version_args: &'static [&'static str],
-    version: &'static str,
-}
-
 const PACKAGED: &[Packaged] = &[
     Packaged {
         name: "etcd",
         package: "etcd-server",
-        pinned: false,
+        pin: None,
+        path: "usr/bin/etcd",
         version_args: &["--version"],
         version: "etcd Version: 3.4.",
     },
     Packaged {
         name: "kubectl",
+        // The Kubernetes of the built binaries.
         package: "kubernetes-client",
-        pinned: true,
+        pin: Some(DEBIAN_VERSION),
+        path: "usr/bin/kubectl",
         version_args: &["version", "--client", "--short"],
         version: "Client Version: v1.20.2",
     },
@@ -186,7 +182,12 @@ pub fn ensure() -> Result<PathBuf> {
     fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     let apt = PrivateApt::new(&work.join("apt"))?;
     if !packaged.is_empty() {
-        extract(&apt, &work.join("debs"), &packaged, &bin)?;
+        let names: Vec<&str> = packaged.iter().map(|p| p.name).collect();
+        eprintln!(
+            "xtask: taking {} out of Debian's packages (the lab's Kubernetes runs them)",
+            names.join(", ")
+        );
+        apt.extract(&work.join("debs"), &packaged, &bin)?;
     }
     if !built.is_empty() {
         ensure_packages(BUILD_PACKAGES)?;
@@ -246,51 +247,11 @@ pub(crate) fn lock(dir: &Path) -> Result<Flock<fs::File>> {
     }
 }
 
-/// Whether `binary` runs and prints `version` when called with `args`.
-fn reports(binary: &Path, args: &[&str], version: &str) -> bool {
-    Command::new(binary)
-        .args(args)
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(version))
-}
-
 impl Built {
     /// Whether the binary is in `bin` and the version the lab wants.
     fn is_in(&self, bin: &Path) -> bool {
         reports(&bin.join(self.name), self.version_args, self.version)
     }
-}
-
-impl Packaged {
-    /// Whether the binary is in `bin` and the version the lab wants.
-    fn is_in(&self, bin: &Path) -> bool {
-        reports(&bin.join(self.name), self.version_args, self.version)
-    }
-}
-
-/// Takes the `packaged` binaries out of their Debian packages into `bin`.
-fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) -> Result<()> {
-    let mut packages = Vec::new();
-    for p in packaged {
-        eprintln!(
-            "xtask: taking {} out of Debian's {} package (the lab's Kubernetes control plane \
-             runs it)",
-            p.name, p.package
-        );
-        packages.push(match p.pinned {
-            true => format!("{}={DEBIAN_VERSION}", p.package),
-            false => p.package.to_owned(),
-        });
-    }
-    let packages: Vec<&str> = packages.iter().map(String::as_str).collect();
-    let root = apt.unpack(debs, &packages)?;
-    for p in packaged {
-        let from = root.join("usr/bin").join(p.name);
-        let to = bin.join(p.name);
-        fs::copy(&from, &to)
-            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-    }
-    Ok(())
 }
 
 /// Downloads and unpacks the tree into a GOPATH in `work`, repairs it and builds `binaries`

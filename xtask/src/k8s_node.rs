@@ -20,7 +20,13 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use podwire_lab::images::{docker_archive, ImageConfig, BUSYBOX_IMAGE, PAUSE_IMAGE};
 
-use crate::{apt::PrivateApt, build::workspace_root, cmd::run, k8s, toolchain::ensure_packages};
+use crate::{
+    apt::{Packaged, PrivateApt},
+    build::workspace_root,
+    cmd::run,
+    k8s,
+    toolchain::ensure_packages,
+};
 
 /// What building pause and the busybox image needs from the machine.
 const TOOL_PACKAGES: &[(&str, &str)] = &[
@@ -36,21 +42,11 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
 /// The reference plugins Debian's containernetworking-plugins installs.
 const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
-/// A binary taken out of a Debian package into target/k8s/node/bin.
-struct Packaged {
-    name: &'static str,
-    package: &'static str,
-    /// Where the package installs it.
-    path: &'static str,
-    /// Arguments that make it print its version on stdout, and what that holds.
-    version_args: &'static [&'static str],
-    version: &'static str,
-}
-
 const PACKAGED: &[Packaged] = &[
     Packaged {
         name: "containerd",
         package: "containerd",
+        pin: None,
         path: "usr/bin/containerd",
         version_args: &["--version"],
         version: " 1.6.20",
@@ -58,6 +54,7 @@ const PACKAGED: &[Packaged] = &[
     Packaged {
         name: "containerd-shim-runc-v2",
         package: "containerd",
+        pin: None,
         path: "usr/bin/containerd-shim-runc-v2",
         version_args: &["-v"],
         version: "Version:  1.6.20",
@@ -65,6 +62,7 @@ const PACKAGED: &[Packaged] = &[
     Packaged {
         name: "ctr",
         package: "containerd",
+        pin: None,
         path: "usr/bin/ctr",
         version_args: &["--version"],
         version: " 1.6.20",
@@ -72,6 +70,7 @@ const PACKAGED: &[Packaged] = &[
     Packaged {
         name: "runc",
         package: "runc",
+        pin: None,
         path: "usr/sbin/runc",
         version_args: &["--version"],
         version: "runc version 1.1.5",
@@ -123,7 +122,7 @@ pub fn ensure() -> Result<PathBuf> {
         .transpose()?;
     if let Some(apt) = &apt {
         if !packaged.is_empty() {
-            extract(apt, &work.join("debs"), &packaged, &bin)?;
+            apt.extract(&work.join("debs"), &packaged, &bin)?;
         }
         if !have_pause {
             build_pause(apt, &work.join("pause"), &pause)?;
@@ -156,36 +155,12 @@ pub fn ensure() -> Result<PathBuf> {
     Ok(node)
 }
 
-impl Packaged {
-    fn is_in(&self, bin: &Path) -> bool {
-        Command::new(bin.join(self.name))
-            .args(self.version_args)
-            .output()
-            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(self.version))
-    }
-}
-
 /// Whether `pause -v` prints the version of the sandbox image.
 fn pause_runs(pause: &Path) -> bool {
     Command::new(pause)
         .arg("-v")
         .output()
         .is_ok_and(|out| out.stdout == format!("pause.c v{PAUSE_VERSION}\n").as_bytes())
-}
-
-/// Takes the `packaged` binaries out of their Debian packages into `bin`.
-fn extract(apt: &PrivateApt, debs: &Path, packaged: &[&Packaged], bin: &Path) -> Result<()> {
-    let mut packages: Vec<&str> = packaged.iter().map(|p| p.package).collect();
-    packages.sort_unstable();
-    packages.dedup();
-    let root = apt.unpack(debs, &packages)?;
-    for p in packaged {
-        let from = root.join(p.path);
-        let to = bin.join(p.name);
-        fs::copy(&from, &to)
-            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-    }
-    Ok(())
 }
 
 /// Compiles Kubernetes' pause.c, taken out of the source package, statically into `out`.
