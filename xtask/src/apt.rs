@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 
 use crate::cmd::{reports, run};
 
@@ -109,6 +109,17 @@ impl Packaged {
     /// Whether the binary is in `bin` and the version wanted.
     pub fn is_in(&self, bin: &Path) -> bool {
         reports(&bin.join(self.name), self.version_args, self.version)
+    }
+
+    /// Fails unless the binary is in `bin` and the version wanted.
+    pub fn check(&self, bin: &Path) -> Result<()> {
+        ensure!(
+            self.is_in(bin),
+            "{} does not report {:?}",
+            bin.join(self.name).display(),
+            self.version
+        );
+        Ok(())
     }
 }
 

@@ -209,12 +209,7 @@ pub fn ensure() -> Result<PathBuf> {
     }
     fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     for p in PACKAGED {
-        ensure!(
-            p.is_in(&bin),
-            "{} does not report {:?}",
-            bin.join(p.name).display(),
-            p.version
-        );
+        p.check(&bin)?;
     }
     for b in BUILT {
         ensure!(

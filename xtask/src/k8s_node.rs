@@ -140,12 +140,7 @@ pub fn ensure() -> Result<PathBuf> {
     busybox_image(&work.join("busybox-rootfs"), &images.join(BUSYBOX_ARCHIVE))?;
     fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     for p in PACKAGED {
-        ensure!(
-            p.is_in(&bin),
-            "{} does not report {:?}",
-            bin.join(p.name).display(),
-            p.version
-        );
+        p.check(&bin)?;
     }
     ensure!(
         pause_runs(&pause),
