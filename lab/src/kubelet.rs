@@ -44,8 +44,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use nix::{
-    errno::Errno,
-    fcntl::{Flock, FlockArg},
+    fcntl::Flock,
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
@@ -53,7 +52,7 @@ use serde_json::Value;
 
 use crate::{
     artifacts::{k8s_bin, k8s_node_dir},
-    images::PAUSE_IMAGE,
+    images::{BUSYBOX_IMAGE, PAUSE_IMAGE},
     k8s::{
         is_running, kube_proxy_args, lab_dir, tail, write, ControlPlane, CONTROL_PLANE_IP, POLL,
         TIMEOUT,
@@ -880,26 +879,10 @@ fn sweep_stale_cgroups() {
 
 /// Takes the machine-wide lock of kubelet clusters, waiting while another process holds it.
 fn lock() -> Result<Flock<fs::File>> {
-    let path = std::env::temp_dir().join(LOCK_FILE);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
-        Err((file, Errno::EWOULDBLOCK)) => {
-            eprintln!(
-                "podwire-lab: waiting for another kubelet cluster on this machine to go ({})",
-                path.display()
-            );
-            Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, errno)| errno)
-                .with_context(|| format!("locking {}", path.display()))
-        }
-        Err((_, errno)) => Err(errno).with_context(|| format!("locking {}", path.display())),
-    }
+    crate::lock_exclusive(
+        &std::env::temp_dir().join(LOCK_FILE),
+        "podwire-lab: waiting for another kubelet cluster on this machine to go",
+    )
 }
 
 /// The mount points of [`NODE_MOUNTS`] that the machine lacked, created for the nodes and
@@ -953,8 +936,63 @@ impl Drop for MountPoints {
     }
 }
 
+/// busybox httpd serving the pod's own name on 8080, `replicas` spread over the nodes, Ready when
+/// kubelet's HTTP probe gets the page.
+pub fn web_deployment(replicas: u32) -> Value {
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 0,
+                    "affinity": {"podAntiAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [{
+                            "weight": 100,
+                            "podAffinityTerm": {
+                                "labelSelector": {"matchLabels": {"app": "web"}},
+                                "topologyKey": "kubernetes.io/hostname",
+                            },
+                        }],
+                    }},
+                    "containers": [{
+                        "name": "web",
+                        "image": BUSYBOX_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["sh", "-c",
+                            "mkdir -p /www && hostname > /www/index.html && echo serving && \
+                             exec httpd -f -p 8080 -h /www"],
+                        "ports": [{"containerPort": 8080}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/", "port": 8080},
+                            "periodSeconds": 1,
+                        },
+                    }],
+                },
+            },
+        },
+    })
+}
+
+/// A ClusterIP Service `web` on port 80 in front of [`web_deployment`]'s pods.
+pub fn web_service() -> Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": {"app": "web"},
+            "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    })
+}
+
 /// Where Debian's containernetworking-plugins installs the reference plugins.
-const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// The reference `bridge` conflist for a node with `pod_cidr`.
 fn bridge_conflist(pod_cidr: &str) -> Value {

@@ -53,3 +53,32 @@ pub fn eventually(
     }
     Ok(false)
 }
+
+/// Takes the exclusive lock of the file `path` (created), waiting, with a line saying so on
+/// stderr, while another process holds it: `waiting` says what for.
+pub fn lock_exclusive(
+    path: &std::path::Path,
+    waiting: &str,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use anyhow::Context as _;
+    use nix::{
+        errno::Errno,
+        fcntl::{Flock, FlockArg},
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, Errno::EWOULDBLOCK)) => {
+            eprintln!("{waiting} ({})", path.display());
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, errno)| errno)
+                .with_context(|| format!("locking {}", path.display()))
+        }
+        Err((_, errno)) => Err(errno).with_context(|| format!("locking {}", path.display())),
+    }
+}

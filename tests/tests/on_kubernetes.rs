@@ -23,7 +23,7 @@ use podwire_core::object::programs;
 use podwire_lab::{
     artifacts, eventually,
     images::BUSYBOX_IMAGE,
-    kubelet::{KubeCluster, KubeNode},
+    kubelet::{self, KubeCluster, KubeNode},
     processes::{run, run_with_stdin},
 };
 use serde_json::{json, Value};
@@ -271,7 +271,7 @@ fn helm_installed_podwire_carries_a_real_cluster() -> Result<()> {
     }
 
     // A Deployment spread over both nodes, with HTTP readiness probes kubelet runs.
-    apply(&cluster, &web_deployment(4))?;
+    apply(&cluster, &kubelet::web_deployment(4))?;
     let web = wait_pods_ready(&cluster, "default", "app=web", 4)?;
     for node in &cluster.nodes {
         let cidr: Ipv4Net = cluster.pod_cidr(&node.name)?.parse()?;
@@ -321,7 +321,7 @@ fn helm_installed_podwire_carries_a_real_cluster() -> Result<()> {
     );
 
     // A ClusterIP Service through kube-proxy, from a pod and from the host of every node.
-    apply(&cluster, &web_service())?;
+    apply(&cluster, &kubelet::web_service())?;
     let svc = kubectl_json(&cluster, &["get", "service", "-n", "default", "web"])?;
     let cluster_ip = svc["spec"]["clusterIP"]
         .as_str()
@@ -506,60 +506,6 @@ fn check_contiguous(cluster: &KubeCluster, sink: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// busybox httpd serving the pod's own name on 8080, `replicas` spread over the nodes, Ready when
-/// kubelet's HTTP probe gets the page.
-fn web_deployment(replicas: u32) -> Value {
-    json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "affinity": {"podAntiAffinity": {
-                        "preferredDuringSchedulingIgnoredDuringExecution": [{
-                            "weight": 100,
-                            "podAffinityTerm": {
-                                "labelSelector": {"matchLabels": {"app": "web"}},
-                                "topologyKey": "kubernetes.io/hostname",
-                            },
-                        }],
-                    }},
-                    "containers": [{
-                        "name": "web",
-                        "image": BUSYBOX_IMAGE,
-                        "imagePullPolicy": "Never",
-                        "command": ["sh", "-c",
-                            "mkdir -p /www && hostname > /www/index.html && echo serving && \
-                             exec httpd -f -p 8080 -h /www"],
-                        "ports": [{"containerPort": 8080}],
-                        "readinessProbe": {
-                            "httpGet": {"path": "/", "port": 8080},
-                            "periodSeconds": 1,
-                        },
-                    }],
-                },
-            },
-        },
-    })
-}
-
-fn web_service() -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {
-            "selector": {"app": "web"},
-            "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}],
-        },
-    })
 }
 
 /// A busybox pod on `node` running `script`, labelled role=sink.

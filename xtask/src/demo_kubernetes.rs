@@ -8,7 +8,10 @@ use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result};
 use nix::sys::signal::{SigSet, Signal};
-use podwire_lab::{dns::ClusterDns, images::BUSYBOX_IMAGE, kubelet::KubeCluster};
+use podwire_lab::{
+    dns::ClusterDns,
+    kubelet::{self, KubeCluster},
+};
 use serde_json::json;
 
 use crate::{
@@ -61,36 +64,8 @@ pub fn run() -> Result<()> {
 
     println!("== a Deployment of 4 busybox web servers and a ClusterIP Service in front of them");
     let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {
-                "replicas": 4,
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {
-                    "metadata": {"labels": {"app": "web"}},
-                    "spec": {
-                        "terminationGracePeriodSeconds": 0,
-                        "containers": [{
-                            "name": "web",
-                            "image": BUSYBOX_IMAGE,
-                            "imagePullPolicy": "Never",
-                            "command": ["sh", "-c",
-                                "mkdir -p /www && hostname > /www/index.html && \
-                                 exec httpd -f -p 8080 -h /www"],
-                            "readinessProbe": {"httpGet": {"path": "/", "port": 8080}},
-                        }],
-                    },
-                },
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
-        },
+        kubelet::web_deployment(4),
+        kubelet::web_service(),
     ]});
     podwire_lab::processes::run_with_stdin(
         &mut cluster.kubectl(["apply", "-f", "-"]),

@@ -30,10 +30,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
-use nix::{
-    errno::Errno,
-    fcntl::{Flock, FlockArg},
-};
+use nix::fcntl::Flock;
 
 use crate::{
     apt::{Packaged, PrivateApt},
@@ -225,21 +222,10 @@ pub fn ensure() -> Result<PathBuf> {
 /// Takes the exclusive lock of `dir` (created), waiting while another xtask holds it.
 pub(crate) fn lock(dir: &Path) -> Result<Flock<fs::File>> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("lock");
-    let file = fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(lock),
-        Err((file, Errno::EWOULDBLOCK)) => {
-            eprintln!(
-                "xtask: waiting for another xtask fetching or building Kubernetes in {}",
-                dir.display()
-            );
-            Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, errno)| errno)
-                .with_context(|| format!("locking {}", path.display()))
-        }
-        Err((_, errno)) => Err(errno).with_context(|| format!("locking {}", path.display())),
-    }
+    podwire_lab::lock_exclusive(
+        &dir.join("lock"),
+        "xtask: waiting for another xtask fetching or building Kubernetes",
+    )
 }
 
 impl Built {

@@ -18,7 +18,10 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
-use podwire_lab::images::{docker_archive, ImageConfig, BUSYBOX_IMAGE, PAUSE_IMAGE};
+use podwire_lab::{
+    images::{docker_archive, ImageConfig, BUSYBOX_IMAGE, PAUSE_IMAGE},
+    kubelet,
+};
 
 use crate::{
     apt::{Packaged, PrivateApt},
@@ -38,9 +41,6 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
         "the CNI loopback plugin every kubelet node has",
     ),
 ];
-
-/// The reference plugins Debian's containernetworking-plugins installs.
-const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 const PACKAGED: &[Packaged] = &[
     Packaged {
@@ -128,7 +128,7 @@ pub fn ensure() -> Result<PathBuf> {
             build_pause(apt, &work.join("pause"), &pause)?;
         }
     }
-    let from = Path::new(REFERENCE_PLUGINS).join("loopback");
+    let from = Path::new(kubelet::REFERENCE_PLUGINS).join("loopback");
     fs::copy(&from, &loopback)
         .with_context(|| format!("copying {} to {}", from.display(), loopback.display()))?;
     // The images follow their content: rebuilt whenever the binaries were.
