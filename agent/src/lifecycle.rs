@@ -93,6 +93,18 @@ impl From<LifecycleError> for ApiError {
     }
 }
 
+/// An attachment's address, as [`Agent::allocate`] answers it.
+#[derive(Debug)]
+pub struct Allocation {
+    pub ip: Ipv4Addr,
+    /// The MTU its pod gets unless the plugin's configuration sets one.
+    pub mtu: u32,
+    /// Allocated by this request (not held before).
+    pub fresh: bool,
+    /// The veth pair it was registered with, if it was.
+    pub registered: Option<VethPair>,
+}
+
 impl Agent {
     /// Takes over a loaded datapath (with pinned maps) and IPAM, and brings the endpoint map and
     /// the attachments in line with IPAM's records: what they do not know is removed, what they
@@ -147,16 +159,25 @@ impl Agent {
         Ok(agent)
     }
 
-    /// The address of `attachment` (allocated now, or the one it holds) and the MTU its pod gets
-    /// unless the plugin's configuration sets one.
+    /// The address of `attachment` (allocated now, or the one it holds) and what the plugin
+    /// needs with it.
     pub fn allocate(
         &mut self,
         attachment: &Attachment,
         netns: &str,
-    ) -> Result<(Ipv4Addr, u32), LifecycleError> {
+    ) -> Result<Allocation, LifecycleError> {
+        let held = self.ipam.get(attachment).cloned();
         let ip = self.ipam.allocate(attachment, netns)?;
-        info!(container = %attachment.container_id, %ip, "address allocated");
-        Ok((ip, self.pod_mtu))
+        match &held {
+            None => info!(container = %attachment.container_id, %ip, "address allocated"),
+            Some(_) => info!(container = %attachment.container_id, %ip, "address already held"),
+        }
+        Ok(Allocation {
+            ip,
+            mtu: self.pod_mtu,
+            fresh: held.is_none(),
+            registered: held.and_then(|r| r.veth),
+        })
     }
 
     /// Puts the wired veth pair of an allocated attachment into the datapath and records it.

@@ -89,11 +89,13 @@ async fn handle(agent: &mut Agent, request: Request) -> Result<Reply, ApiError> 
             pod_cidr: agent.pod_cidr(),
         },
         Request::Allocate { attachment, netns } => {
-            let (ip, mtu) = agent.allocate(&attachment, &netns)?;
+            let allocation = agent.allocate(&attachment, &netns)?;
             Reply::Allocated {
-                ip,
+                ip: allocation.ip,
                 pod_cidr: agent.pod_cidr(),
-                mtu,
+                mtu: allocation.mtu,
+                fresh: allocation.fresh,
+                registered: allocation.registered,
             }
         }
         Request::Register {

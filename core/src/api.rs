@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    endpoint::{Attachment, EndpointRecord},
+    endpoint::{Attachment, EndpointRecord, VethPair},
     mac::Mac,
 };
 
@@ -52,11 +52,20 @@ pub enum Reply {
         node: String,
         pod_cidr: Ipv4Net,
     },
-    /// `mtu`: the pod MTU the node wants (underlay MTU less the tunnel's overhead).
+    /// `mtu`: the pod MTU the node wants (underlay MTU less the tunnel's overhead). `fresh`:
+    /// this request allocated `ip`, so an ADD that fails afterwards releases it; otherwise the
+    /// attachment already held it (a repeated ADD) and a failure must leave it to the pod.
+    /// `registered`: the veth pair the attachment was registered with, if it was, so a repeated
+    /// ADD can find the pod already wired and change nothing. Both default to what an agent
+    /// without them implies: nothing known, so nothing released.
     Allocated {
         ip: Ipv4Addr,
         pod_cidr: Ipv4Net,
         mtu: u32,
+        #[serde(default)]
+        fresh: bool,
+        #[serde(default)]
+        registered: Option<VethPair>,
     },
     Registered,
     Released {

@@ -2,11 +2,12 @@
 //! async runtime: the agent's local API and a blocking client for it ([`api`]), where the datapath
 //! is pinned in bpffs ([`pins`]), the names of the programs and maps in the eBPF object
 //! ([`object`]), and the model of the cluster ([`cluster`]) and of a pod's endpoint
-//! ([`endpoint`]).
+//! ([`endpoint`]), and the fault points the reliability tests inject failures at ([`fault`]).
 
 pub mod api;
 pub mod cluster;
 pub mod endpoint;
+pub mod fault;
 pub mod mac;
 pub mod object;
 pub mod pins;
