@@ -2,6 +2,7 @@
 //! the network configuration on stdin; it wires the pod's veth and addressing and hands the
 //! endpoint to the node's podwire agent, which owns IPAM and the datapath.
 
+mod check;
 mod config;
 mod error;
 mod result;
@@ -68,7 +69,7 @@ fn run() -> Result<Option<String>, CniError> {
         match command.as_str() {
             "ADD" => add(&conf).await.map(Some),
             "DEL" => del(&conf).await.map(|()| None),
-            "CHECK" => check(&conf).await.map(|()| None),
+            "CHECK" => check::check(&conf).await.map(|()| None),
             "STATUS" => status(&conf).map(|()| None),
             "GC" => gc(&conf).map(|()| None),
             other => Err(CniError::new(
@@ -80,11 +81,11 @@ fn run() -> Result<Option<String>, CniError> {
     outcome.map_err(|e| conf.error(e))
 }
 
-fn call(conf: &NetConf, request: &Request) -> Result<Reply, CniError> {
+pub(crate) fn call(conf: &NetConf, request: &Request) -> Result<Reply, CniError> {
     Ok(api::call(&conf.socket(), request)?)
 }
 
-fn unexpected(reply: Reply) -> CniError {
+pub(crate) fn unexpected(reply: Reply) -> CniError {
     CniError::new(
         code::IO_FAILURE,
         format!("unexpected answer from the podwire agent: {reply:?}"),
@@ -207,44 +208,6 @@ async fn del(conf: &NetConf) -> Result<(), CniError> {
     // Unreachable agent: "try again later", so the runtime retries and the address is released.
     call(conf, &Request::Release { attachment })?;
     Ok(())
-}
-
-async fn check(conf: &NetConf) -> Result<(), CniError> {
-    let attachment = config::attachment("CHECK")?;
-    let netns = config::required("CNI_NETNS", "CHECK")?;
-    let endpoint = match call(
-        conf,
-        &Request::Check {
-            attachment: attachment.clone(),
-        },
-    ) {
-        Ok(Reply::Checked { endpoint }) => endpoint,
-        Ok(other) => return Err(unexpected(other)),
-        Err(e) if e.code == code::INVALID_CONFIG => {
-            return Err(CniError::new(code::CHECK_FAILED, e.msg))
-        }
-        Err(e) => return Err(e),
-    };
-    if let Some(prev) = &conf.prev_result {
-        let want = format!("{}/32", endpoint.ip);
-        if !prev.ips.iter().any(|ip| ip.address == want) {
-            return Err(CniError::new(
-                code::CHECK_FAILED,
-                format!(
-                    "prevResult does not list {want}, the address the agent holds for {}",
-                    attachment.key()
-                ),
-            ));
-        }
-    }
-    let veth = endpoint
-        .veth
-        .as_ref()
-        .expect("the agent checks registered endpoints only");
-    let host = Netlink::connect()?;
-    let pod_ns = PodNetns::open(&netns)
-        .map_err(|e| CniError::new(code::CONTAINER_UNKNOWN, podwire_core::error_chain(&e)))?;
-    Ok(pod::check(&host, &pod_ns, veth, &attachment.ifname, endpoint.ip).await?)
 }
 
 fn status(conf: &NetConf) -> Result<(), CniError> {
