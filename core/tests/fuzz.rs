@@ -1,0 +1,414 @@
+//! Fuzzing the cluster file's parser ([`Cluster::parse`]) with proptest: arbitrary bytes,
+//! generated cluster descriptions, and those descriptions mutated as JSON values and as bytes.
+//! It must never panic, must accept exactly the descriptions that are valid, and whatever it
+//! accepts must hold the invariants the agent relies on (unique names and addresses, pod CIDRs
+//! without host bits, inside the cluster CIDR, not overlapping), checked here independently of
+//! `Cluster::validate`.
+//!
+//! Each target runs 256 cases (`PROPTEST_CASES=<n>` runs more or fewer). A failing case is
+//! shrunk and its seed written to `tests/proptest-regressions/fuzz.txt`, which is committed: it runs
+//! first on every later run, so a crash found once stays a test.
+
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use podwire_core::cluster::Cluster;
+use proptest::{prelude::*, test_runner::FileFailurePersistence};
+use serde_json::{json, Value};
+
+/// A node as generated: fields as plain numbers, so the oracle below can judge them.
+#[derive(Clone, Debug)]
+struct NodeModel {
+    name: String,
+    address: Ipv4Addr,
+    /// Pod CIDR: an address (host bits possibly set) and a prefix length (0..=32).
+    net: (Ipv4Addr, u8),
+}
+
+#[derive(Clone, Debug)]
+struct ClusterModel {
+    cluster_cidr: Option<(Ipv4Addr, u8)>,
+    nodes: Vec<NodeModel>,
+}
+
+/// First and last address of a prefix, as numbers.
+fn range((addr, len): (Ipv4Addr, u8)) -> (u32, u32) {
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let first = u32::from(addr) & mask;
+    (first, first | !mask)
+}
+
+fn has_host_bits(net: (Ipv4Addr, u8)) -> bool {
+    range(net).0 != u32::from(net.0)
+}
+
+impl ClusterModel {
+    /// Whether a cluster file of this model is valid, judged from its numbers.
+    fn valid(&self) -> bool {
+        let names: HashSet<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        let addresses: HashSet<Ipv4Addr> = self.nodes.iter().map(|n| n.address).collect();
+        if names.len() != self.nodes.len() || addresses.len() != self.nodes.len() {
+            return false;
+        }
+        let ranges: Vec<(u32, u32)> = self.nodes.iter().map(|n| range(n.net)).collect();
+        if self.nodes.iter().any(|n| has_host_bits(n.net)) {
+            return false;
+        }
+        if let Some(cluster) = self.cluster_cidr {
+            let (lo, hi) = range(cluster);
+            if ranges.iter().any(|&(a, b)| a < lo || b > hi) {
+                return false;
+            }
+        }
+        for (i, a) in ranges.iter().enumerate() {
+            for b in &ranges[..i] {
+                if a.0 <= b.1 && b.0 <= a.1 {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn json(&self) -> Value {
+        let mut cluster = json!({
+            "nodes": self.nodes.iter().map(|n| json!({
+                "name": n.name,
+                "address": n.address.to_string(),
+                "podCIDR": format!("{}/{}", n.net.0, n.net.1),
+            })).collect::<Vec<_>>(),
+        });
+        if let Some((addr, len)) = self.cluster_cidr {
+            cluster["clusterCIDR"] = format!("{addr}/{len}").into();
+        }
+        cluster
+    }
+}
+
+/// Checks what the agent relies on in an accepted cluster, without `Cluster::validate`.
+fn holds_invariants(cluster: &Cluster) -> Result<(), String> {
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for node in &cluster.nodes {
+        if !names.insert(&node.name) {
+            return Err(format!("name {:?} accepted twice", node.name));
+        }
+        if !addresses.insert(node.address) {
+            return Err(format!("address {} accepted twice", node.address));
+        }
+        let net = (node.pod_cidr.addr(), node.pod_cidr.prefix_len());
+        if has_host_bits(net) {
+            return Err(format!("podCIDR {} with host bits accepted", node.pod_cidr));
+        }
+        let (lo, hi) = range(net);
+        if let Some(c) = cluster.cluster_cidr {
+            let (clo, chi) = range((c.addr(), c.prefix_len()));
+            if lo < clo || hi > chi {
+                return Err(format!("podCIDR {} outside clusterCIDR {c}", node.pod_cidr));
+            }
+        }
+        if let Some(other) = ranges.iter().find(|(a, b)| lo <= *b && *a <= hi) {
+            return Err(format!(
+                "podCIDR {} overlaps {:?} and was accepted",
+                node.pod_cidr, other
+            ));
+        }
+        ranges.push((lo, hi));
+    }
+    // What is accepted also reads back the same once written (the lab writes it this way).
+    let written = serde_json::to_vec(cluster).map_err(|e| e.to_string())?;
+    match Cluster::parse(&written) {
+        Ok(again) if &again == cluster => Ok(()),
+        other => Err(format!("written back, it reads as {other:?}")),
+    }
+}
+
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => (1u8..=4).prop_map(|i| format!("node{i}")),
+        1 => ".{0,12}",
+    ]
+}
+
+fn address() -> impl Strategy<Value = Ipv4Addr> {
+    prop_oneof![
+        4 => (1u8..=5).prop_map(|i| Ipv4Addr::new(192, 168, 77, i)),
+        1 => any::<u32>().prop_map(Ipv4Addr::from),
+    ]
+}
+
+/// Pod CIDRs near each other in 10.244.0.0/16, so overlaps and strays are common.
+fn pod_net() -> impl Strategy<Value = (Ipv4Addr, u8)> {
+    let aligned = (
+        0u8..8,
+        prop_oneof![8 => Just(24u8), 1 => 20u8..=26, 1 => Just(16u8)],
+    )
+        .prop_map(|(third, len)| {
+            let addr = Ipv4Addr::new(10, 244, third, 0);
+            (Ipv4Addr::from(range((addr, len)).0), len)
+        });
+    prop_oneof![
+        6 => aligned,
+        1 => (0u8..8, any::<u8>(), 16u8..=32).prop_map(|(c, d, len)| (Ipv4Addr::new(10, 244, c, d), len)),
+        1 => (any::<u32>(), 0u8..=32).prop_map(|(a, len)| (Ipv4Addr::from(a), len)),
+    ]
+}
+
+fn cluster_model() -> impl Strategy<Value = ClusterModel> {
+    let cluster_cidr = prop_oneof![
+        2 => Just(None),
+        4 => Just(Some((Ipv4Addr::new(10, 244, 0, 0), 16))),
+        1 => (14u8..=24).prop_map(|len| Some((Ipv4Addr::new(10, 244, 0, 0), len))),
+        1 => (any::<u32>(), 0u8..=32).prop_map(|(a, len)| Some((Ipv4Addr::from(a), len))),
+    ];
+    let node = (name(), address(), pod_net()).prop_map(|(name, address, net)| NodeModel {
+        name,
+        address,
+        net,
+    });
+    (cluster_cidr, prop::collection::vec(node, 0..6)).prop_map(|(cluster_cidr, nodes)| {
+        ClusterModel {
+            cluster_cidr,
+            nodes,
+        }
+    })
+}
+
+/// A JSON value of another kind, or one that is awkward to hold.
+fn odd_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(|f| json!(f)),
+        ".{0,20}".prop_map(Value::from),
+        (1usize..200_000).prop_map(|n| Value::from("a".repeat(n))),
+        Just(json!([])),
+        Just(json!({})),
+        Just(json!("10.244.1.0/33")),
+        Just(json!("256.0.0.1")),
+        Just(json!("10.244.1.0")),
+        Just(json!("::1/128")),
+        Just(json!(" 10.244.1.0/24")),
+        Just(json!("10.244.1.0/24\u{0}")),
+    ]
+}
+
+/// One change to a JSON value, applied at a position picked by `at`.
+#[derive(Clone, Debug)]
+enum Mutation {
+    /// Remove a field of an object, or an element of an array.
+    Remove(usize),
+    /// Replace a value with another.
+    Replace(usize, Value),
+    /// Add a field to an object or an element to an array.
+    Insert(usize, String, Value),
+    /// Duplicate an element of an array (a node listed twice).
+    Duplicate(usize),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::Remove),
+        (any::<usize>(), odd_value()).prop_map(|(at, v)| Mutation::Replace(at, v)),
+        (
+            any::<usize>(),
+            prop_oneof![
+                Just("name".to_owned()),
+                Just("podCIDR".to_owned()),
+                Just("clusterCIDR".to_owned()),
+                ".{0,8}"
+            ],
+            odd_value()
+        )
+            .prop_map(|(at, k, v)| Mutation::Insert(at, k, v)),
+        any::<usize>().prop_map(Mutation::Duplicate),
+    ]
+}
+
+/// Every value in `v`, depth first, as paths of object keys and array indices.
+fn paths(v: &Value, here: &mut Vec<PathStep>, out: &mut Vec<Vec<PathStep>>) {
+    out.push(here.clone());
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                here.push(PathStep::Key(k.clone()));
+                paths(child, here, out);
+                here.pop();
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                here.push(PathStep::Index(i));
+                paths(child, here, out);
+                here.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[derive(Clone, Debug)]
+enum PathStep {
+    Key(String),
+    Index(usize),
+}
+
+fn at_path<'a>(v: &'a mut Value, path: &[PathStep]) -> &'a mut Value {
+    path.iter().fold(v, |v, step| match step {
+        PathStep::Key(k) => &mut v[k.as_str()],
+        PathStep::Index(i) => &mut v[*i],
+    })
+}
+
+fn apply(v: &mut Value, m: &Mutation) {
+    let mut all = Vec::new();
+    paths(v, &mut Vec::new(), &mut all);
+    let pick = |at: usize| all[at % all.len()].clone();
+    match m {
+        Mutation::Replace(at, new) => *at_path(v, &pick(*at)) = new.clone(),
+        Mutation::Remove(at) | Mutation::Duplicate(at) => {
+            let path = pick(*at);
+            let Some((last, parent)) = path.split_last() else {
+                return;
+            };
+            match (at_path(v, parent), last, m) {
+                (Value::Object(map), PathStep::Key(k), Mutation::Remove(_)) => {
+                    map.remove(k);
+                }
+                (Value::Array(items), PathStep::Index(i), Mutation::Remove(_)) => {
+                    items.remove(*i);
+                }
+                (Value::Array(items), PathStep::Index(i), Mutation::Duplicate(_)) => {
+                    let copy = items[*i].clone();
+                    items.push(copy);
+                }
+                _ => {}
+            }
+        }
+        Mutation::Insert(at, key, new) => match at_path(v, &pick(*at)) {
+            Value::Object(map) => {
+                map.insert(key.clone(), new.clone());
+            }
+            Value::Array(items) => items.push(new.clone()),
+            _ => {}
+        },
+    }
+}
+
+/// A change to the bytes of a serialised description.
+#[derive(Clone, Debug)]
+enum ByteMutation {
+    Flip(usize, u8),
+    Insert(usize, u8),
+    Delete(usize),
+    Truncate(usize),
+    /// Deeply nested arrays spliced in: the parser must not overflow its stack.
+    Nest(usize, usize),
+}
+
+fn byte_mutation() -> impl Strategy<Value = ByteMutation> {
+    prop_oneof![
+        (any::<usize>(), any::<u8>()).prop_map(|(at, b)| ByteMutation::Flip(at, b)),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, b)| ByteMutation::Insert(at, b)),
+        any::<usize>().prop_map(ByteMutation::Delete),
+        any::<usize>().prop_map(ByteMutation::Truncate),
+        (any::<usize>(), 1usize..100_000).prop_map(|(at, n)| ByteMutation::Nest(at, n)),
+    ]
+}
+
+fn apply_bytes(bytes: &mut Vec<u8>, m: &ByteMutation) {
+    let len = bytes.len();
+    let at = |i: usize| if len == 0 { 0 } else { i % len };
+    match *m {
+        ByteMutation::Flip(i, b) if len > 0 => bytes[at(i)] ^= b,
+        ByteMutation::Insert(i, b) => bytes.insert(at(i), b),
+        ByteMutation::Delete(i) if len > 0 => {
+            bytes.remove(at(i));
+        }
+        ByteMutation::Truncate(i) => bytes.truncate(at(i)),
+        ByteMutation::Nest(i, n) => {
+            let i = at(i);
+            let nested: Vec<u8> = std::iter::repeat_n(b'[', n)
+                .chain(std::iter::repeat_n(b']', n))
+                .collect();
+            bytes.splice(i..i, nested);
+        }
+        _ => {}
+    }
+}
+
+/// Parses `bytes`, failing the case if what is accepted breaks an invariant; a panic inside the
+/// parser fails it too (proptest catches it and reports this input).
+fn parse_and_check(bytes: &[u8]) -> Result<Option<Cluster>, TestCaseError> {
+    match Cluster::parse(bytes) {
+        Ok(cluster) => {
+            holds_invariants(&cluster).map_err(|e| {
+                TestCaseError::fail(format!("{e}; input {:?}", String::from_utf8_lossy(bytes)))
+            })?;
+            Ok(Some(cluster))
+        }
+        Err(err) => {
+            prop_assert!(!err.to_string().is_empty(), "an error says what is wrong");
+            Ok(None)
+        }
+    }
+}
+
+/// 256 cases (or `PROPTEST_CASES`); failures persist next to this file, to be committed.
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/proptest-regressions/fuzz.txt"
+        )))),
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn cluster_file_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+        parse_and_check(&bytes)?;
+    }
+
+    /// Generated descriptions: accepted exactly when valid, and then as written.
+    #[test]
+    fn cluster_file_accepts_exactly_the_valid_descriptions(model in cluster_model()) {
+        let bytes = serde_json::to_vec(&model.json()).unwrap();
+        let parsed = parse_and_check(&bytes)?;
+        prop_assert_eq!(parsed.is_some(), model.valid(), "{}", String::from_utf8_lossy(&bytes));
+        if let Some(cluster) = parsed {
+            let nets: Vec<Ipv4Net> = cluster.nodes.iter().map(|n| n.pod_cidr).collect();
+            let want: Vec<Ipv4Net> = model
+                .nodes
+                .iter()
+                .map(|n| Ipv4Net::new(n.net.0, n.net.1).unwrap())
+                .collect();
+            prop_assert_eq!(nets, want);
+        }
+    }
+
+    /// Valid-looking descriptions with fields removed, retyped, added, duplicated, and then
+    /// their bytes changed: never a panic, and nothing accepted that breaks an invariant.
+    #[test]
+    fn cluster_file_mutated_json_never_breaks_an_invariant(
+        model in cluster_model(),
+        mutations in prop::collection::vec(mutation(), 0..4),
+        byte_mutations in prop::collection::vec(byte_mutation(), 0..3),
+    ) {
+        let mut value = model.json();
+        for m in &mutations {
+            apply(&mut value, m);
+        }
+        let mut bytes = serde_json::to_vec(&value).unwrap();
+        parse_and_check(&bytes)?;
+        for m in &byte_mutations {
+            apply_bytes(&mut bytes, m);
+            parse_and_check(&bytes)?;
+        }
+    }
+}
