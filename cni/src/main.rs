@@ -18,7 +18,6 @@ use podwire_netlink::{
     pod::{self, PodInterface, PodNetns, GATEWAY},
     Netlink,
 };
-use sha2::{Digest as _, Sha256};
 
 use crate::{
     config::NetConf,
@@ -92,14 +91,6 @@ pub(crate) fn unexpected(reply: Reply) -> CniError {
     )
 }
 
-/// Name of the host-side veth of `attachment`: "pw" and 11 hex digits of a hash of the container
-/// id and interface name, so it is the same at ADD, DEL and GC and fits IFNAMSIZ.
-fn host_ifname(attachment: &Attachment) -> String {
-    let digest = Sha256::digest(attachment.key().as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("pw{}", &hex[..11])
-}
-
 async fn add(conf: &NetConf) -> Result<String, CniError> {
     let attachment = config::attachment("ADD")?;
     let netns = config::required("CNI_NETNS", "ADD")?;
@@ -115,7 +106,7 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
         Reply::Allocated { ip, mtu, .. } => (ip, mtu),
         other => return Err(unexpected(other)),
     };
-    let host_ifname = host_ifname(&attachment);
+    let host_ifname = attachment.host_ifname();
     let want = PodInterface {
         host_ifname: &host_ifname,
         ifname: &attachment.ifname,
@@ -203,7 +194,7 @@ async fn del(conf: &NetConf) -> Result<(), CniError> {
     let attachment = config::attachment("DEL")?;
     // The netns may already be gone; the host-side veth is all DEL needs to remove.
     Netlink::connect()?
-        .delete_link(&host_ifname(&attachment))
+        .delete_link(&attachment.host_ifname())
         .await?;
     // Unreachable agent: "try again later", so the runtime retries and the address is released.
     call(conf, &Request::Release { attachment })?;

@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use crate::mac::Mac;
 
@@ -19,6 +20,15 @@ impl Attachment {
     /// Key of the attachment in the agent's state.
     pub fn key(&self) -> String {
         format!("{}/{}", self.container_id, self.ifname)
+    }
+
+    /// Name of the host-side veth of this attachment: "pw" and 11 hex digits of a hash of its
+    /// key, so the plugin (at ADD, DEL and GC) and the agent (at Register, DEL and GC) derive the
+    /// same name, and it fits IFNAMSIZ.
+    pub fn host_ifname(&self) -> String {
+        let digest = Sha256::digest(self.key().as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("pw{}", &hex[..11])
     }
 }
 
@@ -80,5 +90,17 @@ mod tests {
             .unwrap()
             .get("wiring")
             .is_none());
+    }
+
+    /// The name every release derived: a node upgraded with pods running finds their veths.
+    #[test]
+    fn host_ifname_is_stable() {
+        let attachment = Attachment {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+        };
+        let name = attachment.host_ifname();
+        assert_eq!(name.len(), 13, "fits IFNAMSIZ with room: {name}");
+        assert_eq!(name, "pwd72e032fedd");
     }
 }
