@@ -38,7 +38,7 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(version, about = "podwire node agent")]
@@ -284,14 +284,23 @@ async fn main() -> Result<()> {
         overlay,
     )?;
     health.set_datapath_loaded();
-    if let Some(cluster) = &cluster {
-        agent.apply_cluster(cluster).await?;
-        metrics.cluster_synced(cluster.nodes.len());
-        health.set_cluster_synced();
-    }
+    // The first apply before serving pods; one that fails is retried while they are served.
+    let applied = match &cluster {
+        Some(cluster) => apply(&mut agent, cluster, &metrics, &health).await,
+        None => true,
+    };
     let agent = Arc::new(tokio::sync::Mutex::new(agent));
-    if let Some(source) = cluster_source {
-        tokio::spawn(follow(source, agent.clone(), metrics.clone()));
+    if let (Some(source), Some(cluster)) = (cluster_source, cluster) {
+        tokio::spawn(follow(
+            source,
+            Following {
+                cluster,
+                applied,
+                agent: agent.clone(),
+                metrics: metrics.clone(),
+                health: health.clone(),
+            },
+        ));
     }
     let listener = server::bind(&args.socket)
         .with_context(|| format!("binding the API socket {}", args.socket.display()))?;
@@ -362,25 +371,89 @@ impl ClusterSource for Source {
     }
 }
 
-/// Applies every cluster `source` hands on, counting successes and failures.
-async fn follow(mut source: Source, agent: Arc<tokio::sync::Mutex<Agent>>, metrics: Arc<Metrics>) {
-    loop {
-        let result = match source.next().await {
-            Ok(cluster) => agent
-                .lock()
-                .await
-                .apply_cluster(&cluster)
-                .await
-                .map(|()| cluster.nodes.len())
-                .map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        };
-        match result {
-            Ok(nodes) => metrics.cluster_synced(nodes),
-            Err(e) => {
-                metrics.cluster_sync_failed();
-                warn!("cluster update: {e:#}");
+/// How long the first retry of a failed apply waits; each next one waits twice as long, up to
+/// [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(15);
+
+/// Applies `cluster`, counting the success or failure; whether it succeeded.
+async fn apply(agent: &mut Agent, cluster: &Cluster, metrics: &Metrics, health: &Health) -> bool {
+    match agent.apply_cluster(cluster).await {
+        Ok(_) => {
+            metrics.cluster_synced(cluster.nodes.len());
+            health.set_cluster_synced();
+            true
+        }
+        Err(e) => {
+            metrics.cluster_sync_failed();
+            error!("applying the cluster: {}", error_chain(&e));
+            false
+        }
+    }
+}
+
+/// What [`follow`] starts from: the cluster applied first and whether that succeeded.
+struct Following {
+    cluster: Cluster,
+    applied: bool,
+    agent: Arc<tokio::sync::Mutex<Agent>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Applies every cluster `source` hands on. A failed apply is retried with backoff until it
+/// succeeds or a newer cluster arrives, which is applied instead: the source only says what
+/// changed, so a cluster that failed once would otherwise never be applied.
+async fn follow(mut source: Source, start: Following) {
+    let Following {
+        cluster,
+        applied,
+        agent,
+        metrics,
+        health,
+    } = start;
+    let (newer, mut latest) = tokio::sync::watch::channel(cluster);
+    let reader_metrics = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            match source.next().await {
+                Ok(cluster) => {
+                    if newer.send(cluster).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    reader_metrics.cluster_sync_failed();
+                    warn!("cluster update: {}", error_chain(&e));
+                }
             }
+        }
+    });
+    let mut failed = !applied;
+    let mut backoff = RETRY_FIRST;
+    loop {
+        let retry = async {
+            match failed {
+                true => tokio::time::sleep(backoff).await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = latest.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                backoff = RETRY_FIRST;
+            }
+            () = retry => {
+                info!("retrying the cluster apply that failed");
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+        let cluster = latest.borrow_and_update().clone();
+        failed = !apply(&mut *agent.lock().await, &cluster, &metrics, &health).await;
+        if failed {
+            warn!("retrying in {backoff:?}, or at once when the cluster changes");
         }
     }
 }

@@ -1,8 +1,16 @@
 //! What a cluster snapshot asks of this node, computed without touching anything: the node table
 //! the programs route by, the routes that send the node's own traffic into the tunnel, and the
 //! ranges its pods reach unmasqueraded. [`crate::reconcile`] applies it.
+//!
+//! This node is found in a snapshot by its name, and its own pod CIDR and address are those it
+//! started with (IPAM allocates from that CIDR, the tunnel leaves from that address): a snapshot
+//! that gives them to another node, or drops or changes this one, never takes this node's pods
+//! away from it. Such a snapshot is applied without those parts and says why ([`Conflict`]).
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use ipnet::Ipv4Net;
 use podwire_common::{NodeEntry, NodeKind};
@@ -10,11 +18,58 @@ use podwire_core::cluster::Cluster;
 
 /// This node, as far as the node table is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ThisNode {
-    /// Its underlay address: the other nodes' entries are those with another address.
+pub struct ThisNode<'a> {
+    /// Its name, by which it finds itself in a snapshot.
+    pub name: &'a str,
+    /// Its underlay address, which the tunnel was set up with.
     pub address: Ipv4Addr,
     /// The pod CIDR its IPAM allocates from.
     pub pod_cidr: Ipv4Net,
+}
+
+/// What in a snapshot contradicts this node's own place, and was left out of the table.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// The snapshot does not list this node.
+    #[error(
+        "this node ({name}) is not in the cluster: its pod CIDR {pod_cidr} stays local until it \
+         is listed again"
+    )]
+    Missing { name: String, pod_cidr: Ipv4Net },
+    /// The snapshot gives this node another pod CIDR than the one its IPAM allocates from.
+    #[error(
+        "the cluster gives this node ({name}) the pod CIDR {listed}, but its pods are in \
+         {pod_cidr}: {pod_cidr} stays local and {listed} is not used; restart the agent once \
+         this node's pods have moved to take the new CIDR"
+    )]
+    PodCidrChanged {
+        name: String,
+        pod_cidr: Ipv4Net,
+        listed: Ipv4Net,
+    },
+    /// The snapshot gives this node another underlay address than the tunnel was set up with.
+    #[error(
+        "the cluster gives this node ({name}) the address {listed}, but its tunnel uses \
+         {address}; restart the agent to take the new address"
+    )]
+    AddressChanged {
+        name: String,
+        address: Ipv4Addr,
+        listed: Ipv4Addr,
+    },
+    /// Another node's pod CIDR overlaps this node's: it would own this node's pods.
+    #[error(
+        "node {node}'s pod CIDR {cidr} overlaps this node's {pod_cidr}: left out of the node \
+         table and the routes, this node's pods stay local (fix the cluster's pod CIDRs)"
+    )]
+    OwnsOurPods {
+        node: String,
+        cidr: Ipv4Net,
+        pod_cidr: Ipv4Net,
+    },
+    /// Another node has this node's underlay address.
+    #[error("node {node} has this node's address {address}: left out of the node table")]
+    HasOurAddress { node: String, address: Ipv4Addr },
 }
 
 /// The state a cluster snapshot calls for on this node.
@@ -27,13 +82,38 @@ pub struct Desired {
     /// Where pod traffic goes unmasqueraded: the cluster range, or every node's pod CIDR when
     /// the cluster has no range.
     pub pod_ranges: Vec<Ipv4Net>,
+    /// What the snapshot says against this node's own place, left out of the above.
+    pub conflicts: Vec<Conflict>,
 }
 
 /// What `cluster` calls for on `me`: the cluster range as no node's (so an address that no node
 /// owns is dropped, not sent out of the node), `me`'s pod CIDR as local, and every other node's
 /// pod CIDR and underlay address (so pods' packets to it, and its replies, use the tunnel) as
-/// that node's.
-pub fn desired(cluster: &Cluster, me: ThisNode) -> Desired {
+/// that node's, but never `me`'s own pod CIDR or address.
+pub fn desired(cluster: &Cluster, me: ThisNode<'_>) -> Desired {
+    let mut conflicts = Vec::new();
+    match cluster.node(me.name) {
+        None => conflicts.push(Conflict::Missing {
+            name: me.name.to_owned(),
+            pod_cidr: me.pod_cidr,
+        }),
+        Some(listed) => {
+            if listed.pod_cidr != me.pod_cidr {
+                conflicts.push(Conflict::PodCidrChanged {
+                    name: me.name.to_owned(),
+                    pod_cidr: me.pod_cidr,
+                    listed: listed.pod_cidr,
+                });
+            }
+            if listed.address != me.address {
+                conflicts.push(Conflict::AddressChanged {
+                    name: me.name.to_owned(),
+                    address: me.address,
+                    listed: listed.address,
+                });
+            }
+        }
+    }
     let mut nodes = Vec::new();
     if let Some(range) = cluster.cluster_cidr {
         nodes.push((range, NodeEntry::no_node()));
@@ -43,20 +123,37 @@ pub fn desired(cluster: &Cluster, me: ThisNode) -> Desired {
         NodeEntry::node(NodeKind::Local, me.address.octets()),
     ));
     let mut routes = Vec::new();
-    for node in cluster.nodes.iter().filter(|n| n.address != me.address) {
+    let mut pod_ranges = vec![me.pod_cidr];
+    for node in cluster.nodes.iter().filter(|n| n.name != me.name) {
+        if node.address == me.address {
+            conflicts.push(Conflict::HasOurAddress {
+                node: node.name.clone(),
+                address: node.address,
+            });
+            continue;
+        }
         let entry = NodeEntry::node(NodeKind::Remote, node.address.octets());
-        nodes.push((node.pod_cidr, entry));
         nodes.push((Ipv4Net::from(node.address), entry));
+        if node.pod_cidr.contains(&me.pod_cidr) || me.pod_cidr.contains(&node.pod_cidr) {
+            conflicts.push(Conflict::OwnsOurPods {
+                node: node.name.clone(),
+                cidr: node.pod_cidr,
+                pod_cidr: me.pod_cidr,
+            });
+            continue;
+        }
+        nodes.push((node.pod_cidr, entry));
         routes.push(node.pod_cidr);
+        pod_ranges.push(node.pod_cidr);
     }
-    let pod_ranges = match cluster.cluster_cidr {
-        Some(range) => vec![range],
-        None => cluster.nodes.iter().map(|n| n.pod_cidr).collect(),
-    };
+    if let Some(range) = cluster.cluster_cidr {
+        pod_ranges = vec![range];
+    }
     Desired {
         nodes,
         routes,
         pod_ranges,
+        conflicts,
     }
 }
 
@@ -67,20 +164,29 @@ pub struct Changes {
     pub remove: Vec<Ipv4Net>,
     /// Entries to write: new, or with another value than they have.
     pub set: Vec<(Ipv4Net, NodeEntry)>,
+    /// How many entries are already as wanted, and are left alone.
+    pub kept: usize,
 }
 
+/// The least that turns `have` into `want`: entries already right are never touched (a live
+/// entry is never removed and written again, so lookups never miss it), a changed one is
+/// overwritten in place. Linear in the sizes, for tables of thousands of nodes.
 pub fn diff(have: &[(Ipv4Net, NodeEntry)], want: &[(Ipv4Net, NodeEntry)]) -> Changes {
+    let have_by_net: HashMap<Ipv4Net, NodeEntry> = have.iter().copied().collect();
+    let wanted: HashSet<Ipv4Net> = want.iter().map(|(net, _)| *net).collect();
+    let set: Vec<(Ipv4Net, NodeEntry)> = want
+        .iter()
+        .filter(|(net, entry)| have_by_net.get(net) != Some(entry))
+        .copied()
+        .collect();
     Changes {
         remove: have
             .iter()
-            .filter(|(net, _)| !want.iter().any(|(w, _)| w == net))
+            .filter(|(net, _)| !wanted.contains(net))
             .map(|(net, _)| *net)
             .collect(),
-        set: want
-            .iter()
-            .filter(|entry| !have.contains(entry))
-            .copied()
-            .collect(),
+        kept: want.len() - set.len(),
+        set,
     }
 }
 
@@ -102,11 +208,23 @@ mod tests {
         }
     }
 
-    fn me() -> ThisNode {
+    fn me() -> ThisNode<'static> {
         ThisNode {
+            name: "a",
             address: Ipv4Addr::new(192, 168, 77, 1),
             pod_cidr: net("10.244.1.0/24"),
         }
+    }
+
+    fn remote(last: u8) -> NodeEntry {
+        NodeEntry::node(NodeKind::Remote, [192, 168, 77, last])
+    }
+
+    fn local() -> (Ipv4Net, NodeEntry) {
+        (
+            net("10.244.1.0/24"),
+            NodeEntry::node(NodeKind::Local, [192, 168, 77, 1]),
+        )
     }
 
     #[test]
@@ -115,23 +233,20 @@ mod tests {
             cluster_cidr: Some(net("10.244.0.0/16")),
             nodes: vec![node("a", 1), node("b", 2), node("c", 3)],
         };
-        let remote = |last: u8| NodeEntry::node(NodeKind::Remote, [192, 168, 77, last]);
         assert_eq!(
             desired(&cluster, me()),
             Desired {
                 nodes: vec![
                     (net("10.244.0.0/16"), NodeEntry::no_node()),
-                    (
-                        net("10.244.1.0/24"),
-                        NodeEntry::node(NodeKind::Local, [192, 168, 77, 1])
-                    ),
-                    (net("10.244.2.0/24"), remote(2)),
+                    local(),
                     (net("192.168.77.2/32"), remote(2)),
-                    (net("10.244.3.0/24"), remote(3)),
+                    (net("10.244.2.0/24"), remote(2)),
                     (net("192.168.77.3/32"), remote(3)),
+                    (net("10.244.3.0/24"), remote(3)),
                 ],
                 routes: vec![net("10.244.2.0/24"), net("10.244.3.0/24")],
                 pod_ranges: vec![net("10.244.0.0/16")],
+                conflicts: vec![],
             }
         );
     }
@@ -162,6 +277,110 @@ mod tests {
         let want = desired(&cluster, me());
         assert_eq!(want.nodes.len(), 2);
         assert!(want.routes.is_empty());
+        assert!(want.conflicts.is_empty());
+    }
+
+    #[test]
+    fn another_node_given_this_nodes_pod_cidr_never_owns_its_pods() {
+        // This node's CIDR moved to b, and this node given another one.
+        let mut moved_to_b = node("b", 2);
+        moved_to_b.pod_cidr = net("10.244.1.0/24");
+        let mut a = node("a", 1);
+        a.pod_cidr = net("10.244.9.0/24");
+        let cluster = Cluster {
+            cluster_cidr: Some(net("10.244.0.0/16")),
+            nodes: vec![a, moved_to_b, node("c", 3)],
+        };
+        let want = desired(&cluster, me());
+        assert_eq!(
+            want.nodes,
+            [
+                (net("10.244.0.0/16"), NodeEntry::no_node()),
+                local(),
+                (net("192.168.77.2/32"), remote(2)),
+                (net("192.168.77.3/32"), remote(3)),
+                (net("10.244.3.0/24"), remote(3)),
+            ],
+            "b's address stays, its pod CIDR (this node's) does not"
+        );
+        assert_eq!(want.routes, [net("10.244.3.0/24")]);
+        assert_eq!(
+            want.conflicts,
+            [
+                Conflict::PodCidrChanged {
+                    name: "a".into(),
+                    pod_cidr: net("10.244.1.0/24"),
+                    listed: net("10.244.9.0/24"),
+                },
+                Conflict::OwnsOurPods {
+                    node: "b".into(),
+                    cidr: net("10.244.1.0/24"),
+                    pod_cidr: net("10.244.1.0/24"),
+                },
+            ]
+        );
+        // The same when the other node's CIDR only overlaps this one's, either way round.
+        for overlapping in ["10.244.0.0/23", "10.244.1.128/25"] {
+            let mut b = node("b", 2);
+            b.pod_cidr = net(overlapping);
+            let cluster = Cluster {
+                cluster_cidr: None,
+                nodes: vec![node("a", 1), b],
+            };
+            let want = desired(&cluster, me());
+            assert!(want.routes.is_empty(), "{overlapping}");
+            assert!(!want.nodes.iter().any(|(n, _)| *n == net(overlapping)));
+            assert_eq!(want.pod_ranges, [net("10.244.1.0/24")]);
+        }
+    }
+
+    #[test]
+    fn this_node_missing_keeps_its_cidr_local_and_another_node_with_its_address_is_left_out() {
+        let mut impostor = node("x", 1);
+        impostor.pod_cidr = net("10.244.7.0/24");
+        let cluster = Cluster {
+            cluster_cidr: Some(net("10.244.0.0/16")),
+            nodes: vec![impostor, node("b", 2)],
+        };
+        let want = desired(&cluster, me());
+        assert!(want.nodes.contains(&local()));
+        assert!(!want
+            .nodes
+            .iter()
+            .any(|(n, _)| *n == net("192.168.77.1/32") || *n == net("10.244.7.0/24")));
+        assert_eq!(want.routes, [net("10.244.2.0/24")]);
+        assert_eq!(
+            want.conflicts,
+            [
+                Conflict::Missing {
+                    name: "a".into(),
+                    pod_cidr: net("10.244.1.0/24"),
+                },
+                Conflict::HasOurAddress {
+                    node: "x".into(),
+                    address: Ipv4Addr::new(192, 168, 77, 1),
+                },
+            ]
+        );
+        assert!(want.conflicts[0].to_string().contains("not in the cluster"));
+    }
+
+    #[test]
+    fn this_node_is_found_by_name_not_by_address() {
+        // This node's entry carries another address: it is still this node, never remote.
+        let mut a = node("a", 1);
+        a.address = Ipv4Addr::new(192, 168, 77, 9);
+        let cluster = Cluster {
+            cluster_cidr: None,
+            nodes: vec![a, node("b", 2)],
+        };
+        let want = desired(&cluster, me());
+        assert!(want.nodes.contains(&local()));
+        assert!(!want.routes.contains(&net("10.244.1.0/24")));
+        assert!(matches!(
+            want.conflicts[..],
+            [Conflict::AddressChanged { .. }]
+        ));
     }
 
     #[test]
@@ -191,8 +410,15 @@ mod tests {
             Changes {
                 remove: vec![gone.0],
                 set: vec![moved_after, new],
+                kept: 1,
             }
         );
-        assert_eq!(diff(&[kept], &[kept]), Changes::default());
+        assert_eq!(
+            diff(&[kept], &[kept]),
+            Changes {
+                kept: 1,
+                ..Changes::default()
+            }
+        );
     }
 }
