@@ -14,6 +14,7 @@
 pub mod artifacts;
 pub mod cni;
 pub mod dns;
+pub mod faults;
 pub mod images;
 pub mod k8s;
 pub mod kubelet;
