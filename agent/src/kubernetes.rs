@@ -8,7 +8,12 @@
 //! view: while a relist is under way the previous complete one stays in force, and the relist
 //! replaces it whole when it is done, so a half-applied table is never handed on.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, pin::Pin};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    path::Path,
+    pin::Pin,
+};
 
 use futures::{Stream, StreamExt as _};
 use ipnet::Ipv4Net;
@@ -164,6 +169,11 @@ pub fn snapshot<'a>(
         nodes: Vec::new(),
     };
     let mut left_out = BTreeMap::new();
+    // What the nodes taken so far hold, to check each next one without going over them all
+    // (every watch event recomputes the snapshot, and a large cluster has thousands of Nodes).
+    let mut addresses: HashMap<Ipv4Addr, String> = HashMap::new();
+    // Their pod CIDRs, disjoint, by first address: (last address, node, CIDR).
+    let mut cidrs: BTreeMap<u32, (u32, String, Ipv4Net)> = BTreeMap::new();
     for (name, info) in nodes {
         let checked = info.clone().and_then(|info| {
             if info.pod_cidr != info.pod_cidr.trunc() {
@@ -175,27 +185,42 @@ pub fn snapshot<'a>(
                     cluster: cluster_cidr,
                 });
             }
-            for other in &cluster.nodes {
-                if other.address == info.address {
-                    return Err(LeftOut::SameAddress {
-                        address: info.address,
-                        other: other.name.clone(),
-                    });
-                }
-                if other.pod_cidr.contains(&info.pod_cidr)
-                    || info.pod_cidr.contains(&other.pod_cidr)
-                {
+            if let Some(other) = addresses.get(&info.address) {
+                return Err(LeftOut::SameAddress {
+                    address: info.address,
+                    other: other.clone(),
+                });
+            }
+            let (first, last) = (
+                u32::from(info.pod_cidr.network()),
+                u32::from(info.pod_cidr.broadcast()),
+            );
+            // Among disjoint ranges, the one starting last at or before this one's end is the
+            // only one that can overlap it.
+            if let Some((_, (other_last, other, other_cidr))) = cidrs.range(..=last).next_back() {
+                if *other_last >= first {
                     return Err(LeftOut::Overlap {
                         cidr: info.pod_cidr,
-                        other: other.name.clone(),
-                        other_cidr: other.pod_cidr,
+                        other: other.clone(),
+                        other_cidr: *other_cidr,
                     });
                 }
             }
             Ok(info)
         });
         match checked {
-            Ok(info) => cluster.nodes.push(info),
+            Ok(info) => {
+                addresses.insert(info.address, info.name.clone());
+                cidrs.insert(
+                    u32::from(info.pod_cidr.network()),
+                    (
+                        u32::from(info.pod_cidr.broadcast()),
+                        info.name.clone(),
+                        info.pod_cidr,
+                    ),
+                );
+                cluster.nodes.push(info);
+            }
             Err(why) => {
                 left_out.insert(name.clone(), why);
             }
@@ -468,6 +493,50 @@ mod tests {
             why("f")
         );
         assert!(why("g").contains("host bits"), "{}", why("g"));
+    }
+
+    #[test]
+    fn a_pod_cidr_inside_or_around_a_taken_one_is_left_out_and_thousands_of_nodes_are_kept() {
+        let nodes: BTreeMap<String, Result<NodeInfo, LeftOut>> = [
+            ("a", Ok(info("a", 1, "10.244.4.0/24"))),
+            ("b", Ok(info("b", 2, "10.244.4.128/25"))),
+            ("c", Ok(info("c", 3, "10.244.0.0/21"))),
+            ("d", Ok(info("d", 4, "10.244.5.0/24"))),
+            ("e", Ok(info("e", 5, "10.244.3.0/24"))),
+        ]
+        .into_iter()
+        .map(|(n, i)| (n.to_string(), i))
+        .collect();
+        let snap = snapshot(&nodes, net("10.244.0.0/16"));
+        let kept: Vec<&str> = snap.cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(kept, ["a", "d", "e"]);
+        assert_eq!(
+            snap.left_out["b"].to_string(),
+            "its podCIDR 10.244.4.128/25 overlaps a's 10.244.4.0/24"
+        );
+        assert_eq!(
+            snap.left_out["c"].to_string(),
+            "its podCIDR 10.244.0.0/21 overlaps a's 10.244.4.0/24"
+        );
+
+        let many: BTreeMap<String, Result<NodeInfo, LeftOut>> = (0..5000u32)
+            .map(|k| {
+                let name = format!("n{k:04}");
+                let info = NodeInfo {
+                    name: name.clone(),
+                    address: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + k),
+                    pod_cidr: Ipv4Net::new(
+                        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 16, 0)) + 8 * k),
+                        29,
+                    )
+                    .unwrap(),
+                };
+                (name, Ok(info))
+            })
+            .collect();
+        let snap = snapshot(&many, net("10.244.0.0/16"));
+        assert_eq!(snap.cluster.nodes.len(), 5000);
+        assert!(snap.left_out.is_empty());
     }
 
     fn named(name: &str, last: u8) -> Node {
