@@ -185,6 +185,21 @@ fn metric(ns: &NetNs, name: &str) -> Result<f64> {
         .with_context(|| format!("{name}'s value"))
 }
 
+/// The agent's /readyz in `ns`: status code and body.
+fn readyz(ns: &NetNs) -> Result<(u16, String)> {
+    let out = run(ns.command("curl").args([
+        "--silent",
+        "--max-time",
+        "5",
+        "--write-out",
+        "\n%{http_code}",
+        "http://127.0.0.1:9962/readyz",
+    ]))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("curl's status line")?;
+    Ok((code.parse()?, body.to_owned()))
+}
+
 /// An `nft` that fails while `fail` exists and is the real one otherwise: put first in an
 /// agent's PATH, it makes the masquerade step fail for real, as a missing or refusing nft does.
 struct BrokenNft {
@@ -231,7 +246,7 @@ impl BrokenNft {
 }
 
 #[test]
-fn a_failed_cluster_apply_is_retried_and_its_other_steps_still_run() -> Result<()> {
+fn cluster_apply_that_failed_is_retried_and_its_other_steps_still_run() -> Result<()> {
     let mut c = two_nodes()?;
     let a = c.nodes[0].add_pod("c-retry-a")?;
     let b = c.nodes[1].add_pod("c-retry-b")?;
@@ -263,12 +278,19 @@ fn a_failed_cluster_apply_is_retried_and_its_other_steps_still_run() -> Result<(
     agent.line_with(&["nft made to fail by the test"])?;
     assert!(!has_masquerade_table(&c.nodes[0].ns)?);
     assert!(metric(&c.nodes[0].ns, "podwire_cluster_sync_errors_total")? >= 1.0);
+    let (code, why) = readyz(&c.nodes[0].ns)?;
+    assert_eq!(
+        (code, why.contains("cluster not synced")),
+        (503, true),
+        "{why}"
+    );
     assert!(ping(&a.ns, b.ip)?, "pods talk across nodes meanwhile");
 
     // nft works again: the same cluster is applied again, without any change to the file.
     nft.set_failing(false)?;
     agent.line_with(&["cluster applied"])?;
     assert!(has_masquerade_table(&c.nodes[0].ns)?);
+    assert_eq!(readyz(&c.nodes[0].ns)?.0, 200);
 
     // The same while following: a change whose masquerade step fails is retried.
     nft.set_failing(true)?;
@@ -290,11 +312,29 @@ fn a_failed_cluster_apply_is_retried_and_its_other_steps_still_run() -> Result<(
         agent.daemon.seen.join("\n")
     );
     assert!(!tunnel_routes(&c.nodes[0].ns)?.contains(&"10.244.3.0/24".to_owned()));
+
+    // A real netlink failure: with the VXLAN device down, the kernel drops the routes over it
+    // and refuses new ones (ENETDOWN) until it is up again, and only a retry puts them back.
+    c.nodes[0].ns.ip(&["link", "set", "pw-vxlan", "down"])?;
+    c.write_members(&[0, 1, 2])?;
+    agent.line_with(&["updating the overlay routes"])?;
+    assert_eq!(table(&c, 0)?.get(&net("10.244.3.0/24")), Some(&remote(2)));
+    assert_eq!(tunnel_routes(&c.nodes[0].ns)?, Vec::<String>::new());
+    c.nodes[0].ns.ip(&["link", "set", "pw-vxlan", "up"])?;
+    assert!(
+        eventually(SETTLE, || Ok(tunnel_routes(&c.nodes[0].ns)?.len() == 2))?,
+        "the routes are back once the device is: {:?}",
+        tunnel_routes(&c.nodes[0].ns)?
+    );
+    assert!(
+        ping(&c.nodes[0].ns, b.ip)?,
+        "the node's own traffic takes them"
+    );
     drop(agent);
 
     // A step before the others failing (the routes, by fault point): the node table and the
     // masquerade table are still applied, and the failure is retried and counted.
-    c.write_members(&[0, 1, 2])?;
+    c.write_members(&[0, 1])?;
     run(c.nodes[0]
         .command("nft")
         .args(["delete", "table", "ip", "podwire"]))?;
@@ -305,8 +345,12 @@ fn a_failed_cluster_apply_is_retried_and_its_other_steps_still_run() -> Result<(
     )?;
     let first = agent.line_with(&["injected fault at agent.apply.routes"])?;
     let again = agent.line_with(&["injected fault at agent.apply.routes"])?;
-    assert_eq!(table(&c, 0)?.get(&net("10.244.3.0/24")), Some(&remote(2)));
+    assert!(!table(&c, 0)?.contains_key(&net("10.244.3.0/24")));
     assert!(has_masquerade_table(&c.nodes[0].ns)?);
+    assert!(
+        tunnel_routes(&c.nodes[0].ns)?.contains(&"10.244.3.0/24".to_owned()),
+        "the failing step left its routes as they were"
+    );
     assert!(
         metric(&c.nodes[0].ns, "podwire_cluster_sync_errors_total")? >= 2.0,
         "{first}\n{again}"
@@ -316,7 +360,7 @@ fn a_failed_cluster_apply_is_retried_and_its_other_steps_still_run() -> Result<(
 }
 
 #[test]
-fn a_cluster_file_giving_this_nodes_pod_cidr_to_another_node_keeps_its_pods_local() -> Result<()> {
+fn cluster_apply_giving_this_nodes_pod_cidr_to_another_node_keeps_its_pods_local() -> Result<()> {
     let mut c = two_nodes()?;
     let a1 = c.nodes[0].add_pod("c-moved-a1")?;
     let a2 = c.nodes[0].add_pod("c-moved-a2")?;
@@ -415,7 +459,7 @@ fn fake_node(k: u32) -> NodeInfo {
 const SCALE_WAIT: Duration = Duration::from_secs(600);
 
 #[test]
-fn five_thousand_nodes_are_applied_and_looked_up_correctly() -> Result<()> {
+fn cluster_apply_of_five_thousand_nodes_is_looked_up_correctly() -> Result<()> {
     const NODES: u32 = 5000;
     let mut c = two_nodes()?;
     let a = c.nodes[0].add_pod("c-scale-a")?;
@@ -563,7 +607,7 @@ impl Drop for Pings {
 }
 
 #[test]
-fn a_restarted_agent_brings_the_pinned_node_table_in_line_by_diff() -> Result<()> {
+fn cluster_apply_after_kill_9_brings_the_pinned_node_table_in_line_by_diff() -> Result<()> {
     let mut c = two_nodes()?;
     // A third node that runs no agent: its entries are the ones edited behind the agent's back.
     c.write_members(&[0, 1, 2])?;
