@@ -95,6 +95,7 @@ impl Agent {
             Ok(done) => applied = done,
             Err(e) => errors.push(e),
         }
+        let node_table_done = started.elapsed();
         let routes = async {
             fault::point("agent.apply.routes")?;
             self.netlink
@@ -105,6 +106,7 @@ impl Agent {
         if let Err(e) = routes.await {
             errors.push(e);
         }
+        let routes_done = started.elapsed();
         let masquerade = fault::point("agent.apply.masquerade")
             .map_err(StepError::from)
             .and_then(|()| Ok(masquerade::sync(pod_cidr, &want.pod_ranges)?));
@@ -120,6 +122,9 @@ impl Agent {
             written = applied.written,
             removed = applied.removed,
             kept = applied.kept,
+            node_table_ms = node_table_done.as_millis() as u64,
+            routes_ms = (routes_done - node_table_done).as_millis() as u64,
+            masquerade_ms = (started.elapsed() - routes_done).as_millis() as u64,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "cluster applied"
         );

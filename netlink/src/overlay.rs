@@ -1,11 +1,11 @@
 //! The overlay's netlink side: the collect_md VXLAN device the programs tunnel through, and the
 //! routes that send the node's own traffic for other nodes' pods into it.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashSet, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    packet_route::route::{RouteAddress, RouteAttribute, RouteScope},
+    packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope},
     LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
 };
 
@@ -57,7 +57,9 @@ impl Netlink {
     }
 
     /// Makes the routes out of the link `ifindex` (named `name` in errors) exactly `dsts`, with
-    /// `source` as their preferred source address.
+    /// `source` as their preferred source address. Only the difference is written: a route
+    /// already as wanted is left alone (a cluster of thousands of nodes changes one node at a
+    /// time, and each route is a round trip to the kernel).
     pub async fn sync_routes(
         &self,
         ifindex: u32,
@@ -65,6 +67,8 @@ impl Netlink {
         source: Ipv4Addr,
         dsts: &[Ipv4Net],
     ) -> Result<(), NetlinkError> {
+        let wanted: HashSet<Ipv4Net> = dsts.iter().copied().collect();
+        let mut in_place = HashSet::new();
         for route in self
             .ipv4_routes()
             .await?
@@ -77,16 +81,21 @@ impl Netlink {
             });
             let net =
                 dst.and_then(|ip| Ipv4Net::new(ip, route.header.destination_prefix_length).ok());
-            if let Some(net) = net.filter(|n| !dsts.contains(n)) {
-                self.handle()
-                    .route()
-                    .del(route)
-                    .execute()
-                    .await
-                    .map_err(Op::DeleteRoute(net).failed())?;
+            let Some(net) = net else { continue };
+            if wanted.contains(&net) {
+                if is_as_wanted(&route, source) {
+                    in_place.insert(net);
+                }
+                continue;
             }
+            self.handle()
+                .route()
+                .del(route)
+                .execute()
+                .await
+                .map_err(Op::DeleteRoute(net).failed())?;
         }
-        for &dst in dsts {
+        for &dst in dsts.iter().filter(|dst| !in_place.contains(dst)) {
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(dst.network(), dst.prefix_len())
                 .output_interface(ifindex)
@@ -109,4 +118,26 @@ impl Netlink {
         }
         Ok(())
     }
+}
+
+/// Whether `route` (out of the wanted link, to a wanted destination) is what
+/// [`Netlink::sync_routes`] would write: main table, link scope, `source` preferred, no metric.
+fn is_as_wanted(route: &RouteMessage, source: Ipv4Addr) -> bool {
+    let table = route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(table) => Some(*table),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table));
+    table == u32::from(RouteHeader::RT_TABLE_MAIN)
+        && route.header.scope == RouteScope::Link
+        && route
+            .attributes
+            .contains(&RouteAttribute::PrefSource(RouteAddress::Inet(source)))
+        && !route
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Priority(p) if *p != 0))
 }

@@ -537,6 +537,20 @@ fn cluster_apply_of_five_thousand_nodes_is_looked_up_correctly() -> Result<()> {
     assert!(ping(&a.ns, b.ip)? && ping(&b.ns, a.ip)?);
     tcp_echo(&a.ns, &b.ns, b.ip, 1024 * 1024)?;
 
+    // One node leaving a large cluster costs its own entries and route, not the whole table's.
+    let one_less = ClusterFile {
+        cluster_cidr: big.cluster_cidr,
+        nodes: big.nodes[..big.nodes.len() - 1].to_vec(),
+    };
+    std::fs::write(c.file(), serde_json::to_vec(&one_less)?)?;
+    let one_left = agent.line_within(&["cluster applied", "nodes=4999"], SCALE_WAIT)?;
+    assert!(
+        one_left.contains("written=0 removed=2 kept=9998"),
+        "only the node that left: {one_left}"
+    );
+    assert_eq!(tunnel_routes(&c.nodes[0].ns)?.len(), NODES as usize - 2);
+    eprintln!("one node of 5000 leaving:\n  {one_left}");
+
     // Back to two nodes.
     let started = Instant::now();
     c.write_members(&[0, 1])?;
