@@ -15,6 +15,8 @@ use crate::{
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetConf {
+    /// Filled in by `parse_for` when a DEL's configuration has none.
+    #[serde(default)]
     pub cni_version: String,
     /// Required by the spec: serde rejects a configuration without it.
     #[expect(dead_code, reason = "only its presence is checked")]
@@ -31,14 +33,26 @@ pub struct NetConf {
     pub ipam: Option<serde_json::Value>,
     /// Result of the previous plugins in a conflist.
     pub prev_result: Option<CniResult>,
-    /// GC: the attachments the runtime still uses.
+    /// GC: the attachments the runtime still uses. `None` when the key is missing, which is not
+    /// the empty list: see [`NetConf::valid_attachments`].
     #[serde(rename = "cni.dev/valid-attachments", default)]
-    pub valid_attachments: Vec<Attachment>,
+    pub valid_attachments: Option<Vec<Attachment>>,
+    /// The same list under the name spec 1.1's drafts gave it; libcni sends both.
+    #[serde(rename = "cni.dev/attachments", default)]
+    attachments: Option<Vec<Attachment>>,
 }
 
 impl NetConf {
-    /// Parses and validates the configuration from stdin.
+    /// Parses and validates the configuration from stdin for the command in CNI_COMMAND.
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
+        Self::parse_for(&env::var("CNI_COMMAND").unwrap_or_default(), stdin)
+    }
+
+    /// Parses and validates the configuration for `command`. DEL checks only what it needs: it
+    /// is best effort by the spec, and a DEL refused for a setting only ADD uses (a version,
+    /// an MTU, an `ipam` section that changed since) would leak the pod's address and veth.
+    pub fn parse_for(command: &str, stdin: &[u8]) -> Result<NetConf, CniError> {
+        let del = command == "DEL";
         // The version is checked first, so a config of an unknown version is reported as such
         // rather than as whatever shape difference it has.
         #[derive(Deserialize)]
@@ -52,27 +66,33 @@ impl NetConf {
                 format!("network configuration is not valid JSON: {e}"),
             )
         })?;
-        let v = versioned.cni_version.ok_or_else(|| {
-            CniError::new(
-                code::INVALID_CONFIG,
-                "network configuration has no cniVersion",
-            )
-        })?;
-        if !version::SUPPORTED.contains(&v.as_str()) {
-            return Err(CniError::new(
-                code::INCOMPATIBLE_VERSION,
-                format!(
-                    "cniVersion {v:?} is not supported; podwire supports {}",
-                    version::SUPPORTED.join(", ")
-                ),
-            ));
+        let v = match versioned.cni_version {
+            Some(v) => v,
+            // Configurations before 0.2.0 had none; libcni reads them as 0.1.0.
+            None if del => "0.1.0".to_owned(),
+            None => {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    "network configuration has no cniVersion",
+                ))
+            }
+        };
+        version::accepts(command, &v)?;
+        let mut conf: NetConf = match serde_json::from_slice(stdin) {
+            Ok(conf) => conf,
+            // DEL does not need prevResult: one it cannot read does not stop it.
+            Err(_) if del => Self::without_prev_result(stdin)?,
+            Err(e) => {
+                return Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("invalid network configuration: {e}"),
+                ))
+            }
+        };
+        conf.cni_version = v;
+        if del {
+            return Ok(conf);
         }
-        let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(
-                code::INVALID_CONFIG,
-                format!("invalid network configuration: {e}"),
-            )
-        })?;
         if conf.ipam.is_some() {
             return Err(CniError::new(
                 code::UNSUPPORTED_FIELD,
@@ -90,10 +110,42 @@ impl NetConf {
         Ok(conf)
     }
 
+    /// The configuration in `stdin` (valid JSON) without its `prevResult`.
+    fn without_prev_result(stdin: &[u8]) -> Result<NetConf, CniError> {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(stdin).expect("checked to be JSON");
+        if let Some(fields) = value.as_object_mut() {
+            fields.remove("prevResult");
+        }
+        serde_json::from_value(value).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("invalid network configuration: {e}"),
+            )
+        })
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.agent_socket
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+
+    /// GC's list of the attachments the runtime still uses. A configuration without it is
+    /// refused, not read as an empty list: that would mean nothing is valid and remove every
+    /// pod of the node.
+    pub fn valid_attachments(&self) -> Result<Vec<Attachment>, CniError> {
+        self.valid_attachments
+            .as_ref()
+            .or(self.attachments.as_ref())
+            .cloned()
+            .ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "GC needs \"cni.dev/valid-attachments\", the attachments the runtime still \
+                     uses; without it nothing is known to be valid and no pod is collected",
+                )
+            })
     }
 
     /// An error of this configuration's version.
@@ -145,4 +197,93 @@ pub fn attachment(command: &str) -> Result<Attachment, CniError> {
         container_id,
         ifname,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: serde_json::Value) -> Vec<u8> {
+        let mut conf =
+            serde_json::json!({ "cniVersion": "1.1.0", "name": "podwire", "type": "podwire-cni" });
+        for (k, v) in extra.as_object().expect("an object") {
+            conf[k] = v.clone();
+        }
+        conf.to_string().into_bytes()
+    }
+
+    #[test]
+    fn del_takes_any_spec_version_and_settings_only_add_uses() {
+        let changed = conf(serde_json::json!({
+            "cniVersion": "0.2.0", "ipam": { "type": "host-local" }, "mtu": 100,
+        }));
+        let parsed = NetConf::parse_for("DEL", &changed).expect("DEL parses it");
+        assert_eq!(parsed.cni_version, "0.2.0");
+        assert_eq!(
+            NetConf::parse_for("ADD", &changed).unwrap_err().code,
+            code::INCOMPATIBLE_VERSION
+        );
+        let mut versionless: serde_json::Value =
+            serde_json::from_slice(&conf(serde_json::json!({}))).unwrap();
+        versionless.as_object_mut().unwrap().remove("cniVersion");
+        let versionless = versionless.to_string().into_bytes();
+        assert_eq!(
+            NetConf::parse_for("DEL", &versionless).unwrap().cni_version,
+            "0.1.0"
+        );
+        assert_eq!(
+            NetConf::parse_for("ADD", &versionless).unwrap_err().code,
+            code::INVALID_CONFIG
+        );
+        // Nor does a prevResult it cannot read.
+        let odd = conf(serde_json::json!({ "prevResult": { "ips": "not a list" } }));
+        assert!(NetConf::parse_for("DEL", &odd)
+            .unwrap()
+            .prev_result
+            .is_none());
+        assert_eq!(
+            NetConf::parse_for("CHECK", &odd).unwrap_err().code,
+            code::INVALID_CONFIG
+        );
+        // What DEL cannot read at all is still an error.
+        assert_eq!(
+            NetConf::parse_for("DEL", b"{").unwrap_err().code,
+            code::DECODE_FAILURE
+        );
+        let e = NetConf::parse_for("DEL", &conf(serde_json::json!({ "cniVersion": "9.0.0" })))
+            .unwrap_err();
+        assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
+    }
+
+    #[test]
+    fn gc_tells_a_missing_list_from_an_empty_one() {
+        let missing = NetConf::parse_for("GC", &conf(serde_json::json!({}))).unwrap();
+        let e = missing.valid_attachments().unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(e.msg.contains("cni.dev/valid-attachments"), "{}", e.msg);
+
+        let empty = conf(serde_json::json!({ "cni.dev/valid-attachments": [] }));
+        let empty = NetConf::parse_for("GC", &empty).unwrap();
+        assert!(empty.valid_attachments().unwrap().is_empty());
+
+        // libcni sends the list under both names.
+        let both = conf(serde_json::json!({
+            "cni.dev/valid-attachments": [{ "containerID": "a", "ifname": "eth0" }],
+            "cni.dev/attachments": [{ "containerID": "a", "ifname": "eth0" }],
+        }));
+        let both = NetConf::parse_for("GC", &both)
+            .unwrap()
+            .valid_attachments()
+            .unwrap();
+        assert_eq!(both.len(), 1);
+        assert_eq!(both[0].container_id, "a");
+        let draft = conf(
+            serde_json::json!({ "cni.dev/attachments": [{ "containerID": "b", "ifname": "eth0" }] }),
+        );
+        let draft = NetConf::parse_for("GC", &draft)
+            .unwrap()
+            .valid_attachments()
+            .unwrap();
+        assert_eq!(draft[0].container_id, "b");
+    }
 }

@@ -49,7 +49,11 @@ impl CniError {
 impl From<ClientError> for CniError {
     fn from(e: ClientError) -> CniError {
         let code = match &e {
-            ClientError::Unreachable { .. } => code::TRY_AGAIN_LATER,
+            // Transient: an agent that is not running yet, restarting or stuck. The runtime
+            // retries, and a DEL retried releases the address.
+            ClientError::Unreachable { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Closed { .. } => code::TRY_AGAIN_LATER,
             ClientError::Protocol { .. } => code::IO_FAILURE,
             ClientError::Agent(api) => match api.kind {
                 ErrorKind::TryAgain => code::TRY_AGAIN_LATER,
@@ -78,5 +82,39 @@ impl From<CheckError> for CniError {
             CheckError::Mismatch(m) => CniError::new(code::CHECK_FAILED, m.to_string()),
             CheckError::Netlink(e) => e.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn an_agent_that_cannot_answer_now_is_try_again_later_naming_its_socket() {
+        let socket = "/run/podwire/agent.sock".to_owned();
+        for e in [
+            ClientError::Timeout {
+                socket: socket.clone(),
+                waited: Duration::from_secs(10),
+            },
+            ClientError::Closed {
+                socket: socket.clone(),
+            },
+            ClientError::Unreachable {
+                socket: socket.clone(),
+                source: std::io::ErrorKind::NotFound.into(),
+            },
+        ] {
+            let cni = CniError::from(e);
+            assert_eq!(cni.code, code::TRY_AGAIN_LATER, "{}", cni.msg);
+            assert!(cni.msg.contains(&socket), "{}", cni.msg);
+        }
+        let e = CniError::from(ClientError::Protocol {
+            socket,
+            detail: "bad answer".into(),
+        });
+        assert_eq!(e.code, code::IO_FAILURE);
     }
 }

@@ -163,12 +163,14 @@ fn add_result(
                 mac: veth.host_mac.to_string(),
                 mtu: Some(want.mtu),
                 sandbox: None,
+                ..Default::default()
             },
             Interface {
                 name: attachment.ifname.clone(),
                 mac: veth.pod_mac.to_string(),
                 mtu: Some(want.mtu),
                 sandbox: Some(netns.to_owned()),
+                ..Default::default()
             },
         ],
         ips: vec![IpConfig {
@@ -176,12 +178,14 @@ fn add_result(
             address: format!("{}/32", want.ip),
             gateway: Some(GATEWAY.to_string()),
             interface: Some(1),
+            ..Default::default()
         }],
         routes: vec![Route {
             dst: "0.0.0.0/0".into(),
             gw: Some(GATEWAY.to_string()),
+            ..Default::default()
         }],
-        dns: Default::default(),
+        ..Default::default()
     };
     let result = match &conf.prev_result {
         Some(prev) => prev.clone().merge(ours),
@@ -231,7 +235,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     match call(
         conf,
         &Request::Gc {
-            valid: conf.valid_attachments.clone(),
+            valid: conf.valid_attachments()?,
         },
     )? {
         Reply::Collected { .. } => Ok(()),
