@@ -1,12 +1,13 @@
 //! IPAM: pod addresses from the node's pod CIDR, one per container attachment, kept in the
-//! [`Store`] before they are handed out.
+//! [`Store`] before they are handed out. Every change is made to a copy, stored, and only then
+//! taken: a failed save (a full or read-only disk) leaves memory as the disk has it.
 
 use std::{collections::HashSet, net::Ipv4Addr, path::Path};
 
 use ipnet::Ipv4Net;
 use podwire_core::endpoint::{Attachment, EndpointRecord, VethPair};
 
-use crate::store::{Allocations, Store, StoreError};
+use crate::store::{Allocations, StateLock, Store, StoreError};
 
 /// Errors of IPAM.
 #[derive(Debug, thiserror::Error)]
@@ -25,21 +26,29 @@ pub enum IpamError {
     #[error("pod CIDR {0} has no addresses for pods (it needs at least a /30)")]
     CidrTooSmall(Ipv4Net),
     /// Every address of the pod CIDR is in use.
-    #[error("no free address left in pod CIDR {0}")]
+    #[error("pod CIDR {0} is full: all {n} of its pod addresses are in use (they are free again as this node's pods are deleted)", n = pod_addresses(*.0))]
     Exhausted(Ipv4Net),
 }
 
-/// The node's address allocations, as stored.
+/// The node's address allocations, as stored, in a state directory this agent alone owns.
 #[derive(Debug)]
 pub struct Ipam {
+    _lock: StateLock,
     store: Store,
     allocations: Allocations,
 }
 
 impl Ipam {
-    /// Opens the store in `dir`, starting empty for `pod_cidr` if it holds nothing (or nothing
-    /// from another CIDR).
+    /// Locks `dir` (failing if another agent holds it: see [`StateLock`]) and opens its store,
+    /// starting empty for `pod_cidr` if it holds nothing (or nothing from another CIDR). The
+    /// lock is held as long as the `Ipam` lives, so take it before serving anything.
     pub fn open(dir: &Path, pod_cidr: Ipv4Net) -> Result<Ipam, IpamError> {
+        Self::open_locked(StateLock::acquire(dir)?, dir, pod_cidr)
+    }
+
+    /// [`Ipam::open`] with the lock of `dir` taken already (first thing at startup, before the
+    /// agent touches anything of the node).
+    pub fn open_locked(lock: StateLock, dir: &Path, pod_cidr: Ipv4Net) -> Result<Ipam, IpamError> {
         let pod_cidr = pod_cidr.trunc();
         if pod_cidr.prefix_len() > 30 {
             return Err(IpamError::CidrTooSmall(pod_cidr));
@@ -54,10 +63,32 @@ impl Ipam {
                     configured: pod_cidr,
                 })
             }
+            // Nothing held yet: written with the first allocation.
             _ => Allocations::empty(pod_cidr),
         };
-        store.save(&allocations)?;
-        Ok(Ipam { store, allocations })
+        Ok(Ipam {
+            _lock: lock,
+            store,
+            allocations,
+        })
+    }
+
+    /// Stores `next` and takes it as the allocations. Whatever the save did is what memory
+    /// holds afterwards: the old allocations if nothing was written, the new ones if the file
+    /// was replaced but not made durable (an error still, for the request to fail and be
+    /// retried or undone by the runtime).
+    fn commit(&mut self, next: Allocations) -> Result<(), IpamError> {
+        match self.store.save(&next) {
+            Ok(()) => {
+                self.allocations = next;
+                Ok(())
+            }
+            Err(e @ StoreError::NotDurable { .. }) => {
+                self.allocations = next;
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn pod_cidr(&self) -> Ipv4Net {
@@ -84,8 +115,9 @@ impl Ipam {
         }
         let used: HashSet<Ipv4Addr> = self.records().map(|e| e.ip).collect();
         let ip = next_free(self.allocations.pod_cidr, self.allocations.last, &used)?;
-        self.allocations.last = Some(ip);
-        self.allocations.endpoints.insert(
+        let mut next = self.allocations.clone();
+        next.last = Some(ip);
+        next.endpoints.insert(
             attachment.key(),
             EndpointRecord {
                 container_id: attachment.container_id.clone(),
@@ -95,15 +127,16 @@ impl Ipam {
                 veth: None,
             },
         );
-        self.store.save(&self.allocations)?;
+        self.commit(next)?;
         Ok(ip)
     }
 
     /// Records the veth pair of an allocated endpoint (stored before returning).
     pub fn set_veth(&mut self, attachment: &Attachment, veth: VethPair) -> Result<(), IpamError> {
-        if let Some(record) = self.allocations.endpoints.get_mut(&attachment.key()) {
+        let mut next = self.allocations.clone();
+        if let Some(record) = next.endpoints.get_mut(&attachment.key()) {
             record.veth = Some(veth);
-            self.store.save(&self.allocations)?;
+            self.commit(next)?;
         }
         Ok(())
     }
@@ -113,12 +146,18 @@ impl Ipam {
         &mut self,
         attachment: &Attachment,
     ) -> Result<Option<EndpointRecord>, IpamError> {
-        let removed = self.allocations.endpoints.remove(&attachment.key());
+        let mut next = self.allocations.clone();
+        let removed = next.endpoints.remove(&attachment.key());
         if removed.is_some() {
-            self.store.save(&self.allocations)?;
+            self.commit(next)?;
         }
         Ok(removed)
     }
+}
+
+/// How many addresses of `cidr` pods get: all but the network, broadcast and node addresses.
+fn pod_addresses(cidr: Ipv4Net) -> u64 {
+    (1u64 << (32 - cidr.prefix_len())).saturating_sub(3)
 }
 
 /// The first address of `cidr` not in `used` after `last`, wrapping around. The network,
@@ -202,11 +241,69 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::open(dir.path(), "10.244.1.0/24".parse().unwrap()).unwrap();
         ipam.allocate(&att("a"), "/ns/a").unwrap();
+        drop(ipam);
         let err = Ipam::open(dir.path(), "10.244.2.0/24".parse().unwrap()).unwrap_err();
         assert!(err.to_string().contains("10.244.1.0/24"), "{err}");
         assert!(matches!(
             Ipam::open(dir.path(), "10.244.1.0/31".parse().unwrap()),
             Err(IpamError::CidrTooSmall(_))
         ));
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_fails_while_the_first_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let first = Ipam::open(dir.path(), cidr).unwrap();
+        let err = Ipam::open(dir.path(), cidr).unwrap_err();
+        assert!(
+            matches!(err, IpamError::Store(StoreError::Locked { .. })),
+            "{err:?}"
+        );
+        drop(first);
+        Ipam::open(dir.path(), cidr).expect("free once the first is gone");
+    }
+
+    #[test]
+    fn a_failed_save_leaves_memory_as_the_disk_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let mut ipam = Ipam::open(dir.path(), cidr).unwrap();
+        let a = ipam.allocate(&att("a"), "/ns/a").unwrap();
+        // The temporary file's name taken by a directory: every save fails before writing.
+        let blocker = dir.path().join("state.json.tmp");
+        std::fs::create_dir(&blocker).unwrap();
+
+        let err = ipam.allocate(&att("b"), "/ns/b").unwrap_err();
+        assert!(
+            matches!(err, IpamError::Store(StoreError::Write { .. })),
+            "{err:?}"
+        );
+        assert!(ipam.get(&att("b")).is_none(), "b holds nothing");
+        assert!(ipam.release(&att("a")).is_err());
+        assert_eq!(
+            ipam.get(&att("a")).map(|r| r.ip),
+            Some(a),
+            "a still holds {a}"
+        );
+
+        std::fs::remove_dir(&blocker).unwrap();
+        // The address b did not get is the next one still.
+        let b = ipam.allocate(&att("b"), "/ns/b").unwrap();
+        assert_eq!(b, Ipv4Addr::new(10, 244, 1, 3));
+        drop(ipam);
+        let ipam = Ipam::open(dir.path(), cidr).unwrap();
+        let held: Vec<_> = ipam.records().map(|r| r.ip).collect();
+        assert_eq!(held, [a, b]);
+    }
+
+    #[test]
+    fn exhaustion_names_the_cidr_and_its_size() {
+        let cidr: Ipv4Net = "10.244.1.0/29".parse().unwrap();
+        assert_eq!(
+            IpamError::Exhausted(cidr).to_string(),
+            "pod CIDR 10.244.1.0/29 is full: all 5 of its pod addresses are in use (they are \
+             free again as this node's pods are deleted)"
+        );
     }
 }
