@@ -278,6 +278,9 @@ impl NodeCache {
     }
 }
 
+/// How long a snapshot waits, after a Node event, for the events that follow it.
+const BATCH: std::time::Duration = std::time::Duration::from_millis(100);
+
 type NodeEvents = Pin<Box<dyn Stream<Item = Result<Event<Node>, watcher::Error>> + Send>>;
 
 /// The cluster from the Kubernetes API's Nodes, with the pod range `--cluster-cidr`.
@@ -341,7 +344,20 @@ impl ClusterSource for KubeSource {
                 // The watcher recovers from every error by itself and never ends.
                 None => return Err(ClusterError::WatchEnded),
             };
-            if !self.cache.apply(event) {
+            let mut complete = self.cache.apply(event);
+            // The events of the next moment go in before one snapshot is made: a burst of
+            // thousands of Node changes (a large cluster created or scaled) makes a few, not
+            // thousands, each going over every Node.
+            let until = tokio::time::Instant::now() + BATCH;
+            loop {
+                match tokio::time::timeout_at(until, self.events.next()).await {
+                    Ok(Some(Ok(event))) => complete = self.cache.apply(event),
+                    Ok(Some(Err(e))) => return Err(ClusterError::Watch(e)),
+                    Ok(None) => return Err(ClusterError::WatchEnded),
+                    Err(_) => break,
+                }
+            }
+            if !complete {
                 continue;
             }
             let Snapshot { cluster, left_out } = snapshot(self.cache.nodes(), self.cluster_cidr);

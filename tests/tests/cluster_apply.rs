@@ -30,9 +30,10 @@ use podwire_datapath::{DatapathMap as _, NodeTable};
 use podwire_lab::{
     artifacts::bin,
     eventually,
+    k8s::{ControlPlane, CONTROL_PLANE_IP},
     namespaces::NetNs,
-    nodes::{Cluster, ClusterSpec, CLUSTER_CIDR},
-    processes::{run, Daemon},
+    nodes::{Cluster, ClusterSpec, PinRoot, Underlay, CLUSTER_CIDR},
+    processes::{run, run_with_stdin, Daemon},
     traffic::{ping, receive, send_vxlan, tcp_echo, udp_listener},
 };
 
@@ -676,5 +677,93 @@ fn cluster_apply_after_kill_9_brings_the_pinned_node_table_in_line_by_diff() -> 
         "at most 0.1% of pings lost across the restart: {received} of {sent}"
     );
     assert!(ping(&a.ns, b.ip)?);
+    Ok(())
+}
+
+#[test]
+fn cluster_apply_of_five_thousand_kubernetes_nodes_is_looked_up_correctly() -> Result<()> {
+    const NODES: u32 = 5000;
+    podwire_lab::require_root()?;
+    let underlay = Underlay::new()?;
+    let cp = ControlPlane::start(&underlay, CONTROL_PLANE_IP)?;
+    let me = NodeInfo {
+        name: Cluster::node_name(0),
+        address: Cluster::node_ip(0),
+        pod_cidr: net(&Cluster::pod_cidr(0)),
+    };
+    let as_node = |n: &NodeInfo| {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": n.name },
+            "spec": { "podCIDR": n.pod_cidr.to_string(), "podCIDRs": [n.pod_cidr.to_string()] },
+            "status": { "addresses": [{ "type": "InternalIP", "address": n.address.to_string() }] },
+        })
+    };
+    cp.apply(&as_node(&me))?;
+    let ns = underlay.plug("node", me.address, false)?;
+    let pins = PinRoot::new();
+    let state = tempfile::tempdir()?;
+    let mut cmd = ns.command(bin("podwire-agent")?);
+    cmd.arg("--kubernetes")
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .args(["--cluster-cidr", CLUSTER_CIDR, "--node-name", &me.name])
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--socket")
+        .arg(state.path().join("agent.sock"))
+        .arg("--bpffs")
+        .arg(pins.path())
+        .env("PODWIRE_LOG", "info");
+    let mut agent = OwnAgent {
+        daemon: Daemon::spawn(cmd, None)?,
+    };
+    agent.daemon.wait_for_line("serving CNI requests")?;
+    let (rss_before, _) = agent.memory_kib()?;
+
+    let fakes: Vec<NodeInfo> = (0..NODES - 1).map(fake_node).collect();
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": fakes.iter().map(as_node).collect::<Vec<_>>(),
+    });
+    let started = Instant::now();
+    run_with_stdin(
+        &mut cp.kubectl(["create", "-f", "-", "-o", "name"]),
+        list.to_string().as_bytes(),
+    )?;
+    let created = started.elapsed();
+    let applied = agent.line_within(&["cluster applied", "nodes=5000"], SCALE_WAIT)?;
+    let seen = started.elapsed();
+    let (rss, hwm) = agent.memory_kib()?;
+    eprintln!(
+        "5000 Kubernetes Nodes: created by kubectl in {:.1} s; the agent's last apply\n  \
+         {applied}\n  seen {:.1} s after kubectl started; agent VmRSS {rss_before} KiB before, \
+         {rss} KiB after (peak {hwm} KiB)",
+        created.as_secs_f64(),
+        seen.as_secs_f64()
+    );
+
+    let trie: LpmTrie<MapData, [u8; 4], NodeEntry> = LpmTrie::try_from(Map::LpmTrie(
+        MapData::from_pin(pins.pins().map(maps::NODES))?,
+    ))?;
+    let mut wrong = Vec::new();
+    for node in &fakes {
+        let want = NodeEntry::node(NodeKind::Remote, node.address.octets());
+        let in_cidr = Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 5);
+        for ip in [in_cidr, node.address] {
+            if trie.get(&Key::new(32, ip.octets()), 0)? != want {
+                wrong.push((ip, node.name.clone()));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "looked up wrongly: {wrong:?}");
+    assert_eq!(
+        trie.get(&Key::new(32, [10, 244, 1, 9]), 0)?.kind(),
+        Some(NodeKind::Local)
+    );
+    assert_eq!(tunnel_routes(&ns)?.len(), NODES as usize - 1);
+    drop(agent);
     Ok(())
 }
