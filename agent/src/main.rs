@@ -3,7 +3,9 @@
 //! forwarding while the agent is down or restarting.
 //!
 //! The cluster comes from a file (`--cluster-file`) or from the Kubernetes API's Nodes
-//! (`--kubernetes`); a node alone serves its `--pod-cidr`. Health, readiness and Prometheus
+//! (`--kubernetes`); a node alone serves its `--pod-cidr`. A cluster whose apply fails is
+//! applied again (after 1 s, doubling up to 15 s) until it succeeds or a newer one arrives, and
+//! the agent is not ready until one has been applied. Health, readiness and Prometheus
 //! metrics are served over HTTP on `--http-address` (see `podwire_agent::metrics`). With
 //! `--daemonset`, a SIGTERM after that DaemonSet was deleted (`helm uninstall`) removes podwire
 //! from the node; `--cleanup` does that at once.
