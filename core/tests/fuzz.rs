@@ -230,13 +230,13 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn cluster_file_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+    fn fuzz_cluster_file_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
         parse_and_check(&bytes)?;
     }
 
     /// Generated descriptions: accepted exactly when valid, and then as written.
     #[test]
-    fn cluster_file_accepts_exactly_the_valid_descriptions(model in cluster_model()) {
+    fn fuzz_cluster_file_accepts_exactly_the_valid_descriptions(model in cluster_model()) {
         let bytes = serde_json::to_vec(&model.json()).unwrap();
         let parsed = parse_and_check(&bytes)?;
         prop_assert_eq!(parsed.is_some(), model.valid(), "{}", String::from_utf8_lossy(&bytes));
@@ -254,7 +254,7 @@ proptest! {
     /// Valid-looking descriptions with fields removed, retyped, added, duplicated, and then
     /// their bytes changed: never a panic, and nothing accepted that breaks an invariant.
     #[test]
-    fn cluster_file_mutated_json_never_breaks_an_invariant(
+    fn fuzz_cluster_file_mutated_json_never_breaks_an_invariant(
         model in cluster_model(),
         mutations in prop::collection::vec(mutation(KEYS, near_misses()), 0..4),
         byte_mutations in prop::collection::vec(byte_mutation(), 0..3),
