@@ -1,6 +1,7 @@
 //! Names of what the eBPF object (`ebpf/programs`) holds. The programs' Rust statics carry the
-//! same names; a map whose layout changes gets a new version suffix, so an agent never reopens a
-//! pinned map of the old layout as the new one.
+//! same names; a map whose layout (type, key or value size, capacity, flags) changes gets a new
+//! version suffix, so an upgraded agent creates the new map next to the old one's pin, which it
+//! then removes. Loading refuses a map pinned under a current name with another layout.
 
 /// The programs, one per attach point, named from the pod's view.
 pub mod programs {
@@ -31,8 +32,8 @@ pub mod programs {
 pub mod maps {
     /// Per-CPU packet and byte counts per verdict reason.
     pub const COUNTERS: &str = "COUNTERS";
-    /// Pods on this node by IPv4 address.
-    pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+    /// Pods on this node by IPv4 address (V1 held 4096, V2 holds 65536).
+    pub const ENDPOINTS: &str = "ENDPOINTS_V2";
     /// Pod CIDRs and underlay addresses to the node owning them (LPM trie).
     pub const NODES: &str = "NODES_V1";
     /// Ring of dropped packets (read by `podwire events`, not by the agent).

@@ -1,13 +1,30 @@
 //! Attaching the loaded programs: tc hooks for as long as the [`Datapath`] lives (a developer's
 //! interface), or for good through a link pinned in bpffs (pods and the overlay device), which a
 //! restarted agent swaps its own program into; and XDP on the underlay interface, pinned alike.
+//!
+//! A pinned link outlives its device: deleting the device severs the link (its ifindex reads 0
+//! and updating it fails with ENOLINK). Such a link is unpinned and the hook attached afresh, and
+//! [`remove_severed_links`] unpins every one of them.
+//!
+//! Kernels before 6.6 have no TCX links: there a program is a netlink tc filter (direct action,
+//! on the clsact qdisc) at a fixed priority and handle per hook ([`NL_PRIORITY`],
+//! [`NL_HANDLE`]), so a restarted agent finds it and swaps its program in place: the hook is never
+//! without a program, as with a TCX link.
 
-use std::{io, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::{Path, PathBuf},
+};
 
 use aya::{
     programs::{
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{self, SchedClassifierLink},
+        links::{FdLink, Link as _, LinkError, LinkOrder, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::{XdpLink, XdpMode},
         ProgramError, TcAttachType,
     },
@@ -54,12 +71,32 @@ pub enum AttachError {
         #[source]
         source: Box<ProgramError>,
     },
-    /// A link could not be pinned, opened from its pin, or unpinned.
+    /// A link could not be pinned, opened from its pin, inspected, or unpinned.
     #[error("pinned link {path}")]
     Pin {
         path: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The tc filters of an interface could not be listed (netlink tc, kernels before 6.6).
+    #[error("listing the tc filters on {direction:?} of {iface}")]
+    Filters {
+        iface: String,
+        direction: TcAttachType,
+        #[source]
+        source: io::Error,
+    },
+    /// One of podwire's netlink tc filters left by an earlier agent could not be removed.
+    #[error(
+        "removing the tc filter of {program} at priority {priority} on {direction:?} of {iface}"
+    )]
+    RemoveFilter {
+        program: &'static str,
+        iface: String,
+        direction: TcAttachType,
+        priority: u16,
+        #[source]
+        source: Box<ProgramError>,
     },
 }
 
@@ -117,10 +154,89 @@ impl<'a> Hook<'a> {
     }
 }
 
-/// Whether this kernel has TCX links (6.6, commit e420bed02507); before it aya attaches through
-/// netlink tc, which needs a clsact qdisc and has no links to pin.
+/// The environment variable that chooses how tc programs are attached: `netlink` forces netlink
+/// tc filters (what kernels before 6.6 have; for testing that path on a newer kernel, or to work
+/// around a TCX problem), `tcx` forces TCX links, `auto` (or unset) takes TCX where the kernel has
+/// it. An operator knob: every process of a node must see the same value.
+pub const TC_ATTACH_ENV: &str = "PODWIRE_TC_ATTACH";
+
+/// Priority of podwire's netlink tc filters: first on the hook, before any other filter.
+pub const NL_PRIORITY: u16 = 1;
+/// Handle of podwire's netlink tc filters ("pw"), at [`NL_PRIORITY`] on every hook; a restarted
+/// agent replaces the program of the filter there.
+pub const NL_HANDLE: TcHandle = TcHandle::new(0, 0x7077);
+
+/// How tc programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    /// TCX links, pinned in bpffs (kernels from 6.6, commit e420bed02507).
+    Tcx,
+    /// Netlink tc filters on the clsact qdisc, which hold the program without a pin.
+    Netlink,
+}
+
+/// The mode [`TC_ATTACH_ENV`] set to `env` chooses on a kernel that has TCX or not; `Err` names
+/// a value it does not know.
+pub fn tc_mode_of(env: Option<&str>, kernel_has_tcx: bool) -> Result<TcMode, String> {
+    match env.map(str::trim) {
+        Some("netlink") => Ok(TcMode::Netlink),
+        Some("tcx") => Ok(TcMode::Tcx),
+        None | Some("" | "auto") if kernel_has_tcx => Ok(TcMode::Tcx),
+        None | Some("" | "auto") => Ok(TcMode::Netlink),
+        Some(other) => Err(other.to_owned()),
+    }
+}
+
+/// How this process attaches tc programs: [`TC_ATTACH_ENV`], else TCX where the kernel has it.
+pub fn tc_mode() -> TcMode {
+    let kernel_has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let env = std::env::var(TC_ATTACH_ENV).ok();
+    tc_mode_of(env.as_deref(), kernel_has_tcx).unwrap_or_else(|other| {
+        log::warn!("{TC_ATTACH_ENV}={other:?} is none of netlink, tcx, auto: choosing by kernel");
+        tc_mode_of(None, kernel_has_tcx).expect("no value is always known")
+    })
+}
+
+/// Whether tc programs are attached through TCX links (pinned), not netlink filters: kernels from
+/// 6.6, unless [`TC_ATTACH_ENV`] says otherwise.
 pub fn tcx_supported() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+    tc_mode() == TcMode::Tcx
+}
+
+/// Whether `hook` has its program attached, as pinned below `pins`: with TCX, a link pinned for
+/// it that is attached to the hook's interface (in the calling thread's network namespace); with
+/// netlink tc, a filter of the hook's program on the interface's clsact hook. `false` when the
+/// interface does not exist.
+pub fn attached(hook: Hook<'_>, pins: &Pins) -> Result<bool, AttachError> {
+    let Ok(ifindex) = nix::net::if_::if_nametoindex(hook.iface) else {
+        return Ok(false);
+    };
+    match tc_mode() {
+        TcMode::Tcx => Ok(pinned(&hook.pin(pins))? == Pinned::Device(ifindex)),
+        TcMode::Netlink => Ok(filters(hook)?.iter().any(|f| f.name == hook.program)),
+    }
+}
+
+/// Unpins every link below `pins` whose device is gone (a deleted pod veth, VXLAN device or
+/// underlay interface), which detaches nothing but frees the link; returns their pins. Safe at
+/// any time: a live link is never touched.
+pub fn remove_severed_links(pins: &Pins) -> Result<Vec<PathBuf>, AttachError> {
+    let dir = pins.links_dir();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(pin_error(&dir, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let pin = entry.map_err(|e| pin_error(&dir, e))?.path();
+        if pinned(&pin)? == Pinned::Severed {
+            log::info!("unpinning {}: its device is gone", pin.display());
+            Datapath::detach_pinned(&pin)?;
+            removed.push(pin);
+        }
+    }
+    Ok(removed)
 }
 
 impl Datapath {
@@ -133,27 +249,107 @@ impl Datapath {
 
     /// Attaches `hook` for good: the link is pinned at `pin`, so it stays attached when the agent
     /// exits, until the pin is removed or the interface deleted. A link already pinned there gets
-    /// this program atomically instead of its old one (agent upgrade).
+    /// this program atomically instead of its old one (agent upgrade); one whose device was
+    /// deleted (severed) is unpinned and the hook attached afresh.
     ///
-    /// Kernels before 6.6 have no tc links to pin: the netlink filter simply stays (it holds the
-    /// program), and an existing one is replaced by detaching and attaching again.
+    /// With netlink tc (kernels before 6.6) nothing is pinned: the filter at [`NL_PRIORITY`] and
+    /// [`NL_HANDLE`] holds the program, and an existing one gets this program in place (the kernel
+    /// swaps it under RCU). Filters of the same program that earlier agents left elsewhere on the
+    /// hook are removed after, and so is a TCX link pinned at `pin`.
     pub fn attach_pinned(&mut self, hook: Hook<'_>, pin: &Path) -> Result<(), AttachError> {
-        if !tcx_supported() {
-            // Ignoring NotFound: there was no filter to replace.
-            let _ = tc::qdisc_detach_program(hook.iface, hook.direction, hook.program);
-            std::mem::forget(self.attach_link(hook)?);
-            return Ok(());
+        if tc_mode() == TcMode::Netlink {
+            self.replace_filter(hook)?;
+            return Datapath::detach_pinned(pin);
         }
-        match open_pinned::<SchedClassifierLink>(pin)? {
-            Some(link) => {
-                let program = self.classifier(hook.program)?;
-                let id = program
-                    .attach_to_link(link)
-                    .map_err(|source| replace_error(hook.program, pin, source))?;
-                // Closing our descriptor leaves the pinned link attached.
-                drop(program.take_link(id));
+        if pinned(pin)? == Pinned::Severed {
+            log::info!(
+                "{}: its device was deleted; attaching afresh",
+                pin.display()
+            );
+            Datapath::detach_pinned(pin)?;
+        } else if let Some(link) = open_pinned::<SchedClassifierLink>(pin)? {
+            let program = self.classifier(hook.program)?;
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    // Closing our descriptor leaves the pinned link attached.
+                    drop(program.take_link(id));
+                    return Ok(());
+                }
+                // The device went between the look and the update.
+                Err(ProgramError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
+                    log::info!(
+                        "{}: its device was deleted; attaching afresh",
+                        pin.display()
+                    );
+                    Datapath::detach_pinned(pin)?;
+                }
+                Err(source) => return Err(replace_error(hook.program, pin, source)),
             }
-            None => pin_link(self.attach_link(hook)?, pin)?,
+        }
+        pin_link(self.attach_link(hook)?, pin)
+    }
+
+    /// Attaches `hook` as podwire's netlink tc filter, replacing the program of the one already
+    /// there in place; then removes filters of the same program elsewhere on the hook.
+    fn replace_filter(&mut self, hook: Hook<'_>) -> Result<(), AttachError> {
+        add_clsact(hook.iface)?;
+        let program = self.classifier(hook.program)?;
+        let ours =
+            SchedClassifierLink::attached(hook.iface, hook.direction, NL_PRIORITY, NL_HANDLE, None)
+                .map_err(|e| attach_error(hook, ProgramError::from(tc::TcError::IoError(e))))?;
+        let id = match program.attach_to_link(ours) {
+            Ok(id) => id,
+            // No filter there yet: this creates it.
+            Err(ProgramError::TcError(tc::TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                program
+                    .attach_with_options(
+                        hook.iface,
+                        hook.direction,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: NL_PRIORITY,
+                            handle: NL_HANDLE,
+                            classid: None,
+                        }),
+                    )
+                    .map_err(|e| attach_error(hook, e))?
+            }
+            Err(e) => return Err(attach_error(hook, e)),
+        };
+        // The filter holds the program: dropping the link would delete it.
+        std::mem::forget(program.take_link(id).map_err(|e| attach_error(hook, e))?);
+        for filter in filters(hook)? {
+            let ours = (filter.priority, filter.handle) == (NL_PRIORITY, NL_HANDLE);
+            if filter.name != hook.program || ours {
+                continue;
+            }
+            let remove_error = |source: ProgramError| AttachError::RemoveFilter {
+                program: hook.program,
+                iface: hook.iface.into(),
+                direction: hook.direction,
+                priority: filter.priority,
+                source: source.into(),
+            };
+            log::info!(
+                "removing {} at priority {} on {:?} of {}: left by an earlier agent",
+                hook.program,
+                filter.priority,
+                hook.direction,
+                hook.iface
+            );
+            SchedClassifierLink::attached(
+                hook.iface,
+                hook.direction,
+                filter.priority,
+                filter.handle,
+                None,
+            )
+            .map_err(|e| remove_error(tc::TcError::IoError(e).into()))?
+            .detach()
+            .map_err(remove_error)?;
         }
         Ok(())
     }
@@ -169,8 +365,8 @@ impl Datapath {
     /// Attaches `from_netdev` (XDP) to `iface` for good, its link pinned at `pin`, in `mode`; with
     /// `XdpMode::Default`, in the driver where it runs XDP (native), else in the stack (generic).
     /// A link already pinned there gets this program atomically instead of its old one (agent
-    /// upgrade), keeping its mode. Returns the mode it runs in, `None` when it replaced a pinned
-    /// link's program.
+    /// upgrade), keeping its mode; one whose device was deleted is unpinned first. Returns the
+    /// mode it runs in, `None` when it replaced a pinned link's program.
     pub fn attach_from_netdev(
         &mut self,
         iface: &str,
@@ -180,6 +376,13 @@ impl Datapath {
         let program = self
             .from_netdev()
             .map_err(|_| AttachError::NoProgram(programs::FROM_NETDEV))?;
+        if pinned(pin)? == Pinned::Severed {
+            log::info!(
+                "{}: its device was deleted; attaching afresh",
+                pin.display()
+            );
+            Datapath::detach_pinned(pin)?;
+        }
         if let Some(link) = open_pinned::<XdpLink>(pin)? {
             let id = program
                 .attach_to_link(link)
@@ -207,33 +410,20 @@ impl Datapath {
         Ok(Some(mode))
     }
 
+    /// Attaches `hook` in this process's mode; the link detaches when dropped.
     fn attach_link(&mut self, hook: Hook<'_>) -> Result<SchedClassifierLink, AttachError> {
-        let Hook {
-            program: name,
-            iface,
-            direction,
-        } = hook;
-        if !tcx_supported() {
-            match tc::qdisc_add_clsact(iface) {
-                Ok(()) => {}
-                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(AttachError::Qdisc {
-                        iface: iface.into(),
-                        source: source.into(),
-                    })
-                }
+        let options = match tc_mode() {
+            TcMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            TcMode::Netlink => {
+                add_clsact(hook.iface)?;
+                TcAttachOptions::Netlink(NlOptions::default())
             }
-        }
-        let program = self.classifier(name)?;
-        let attach_err = |source: ProgramError| AttachError::Attach {
-            program: name,
-            iface: iface.into(),
-            direction,
-            source: source.into(),
         };
-        let id = program.attach(iface, direction).map_err(attach_err)?;
-        program.take_link(id).map_err(attach_err)
+        let program = self.classifier(hook.program)?;
+        let id = program
+            .attach_with_options(hook.iface, hook.direction, options)
+            .map_err(|e| attach_error(hook, e))?;
+        program.take_link(id).map_err(|e| attach_error(hook, e))
     }
 
     fn classifier(
@@ -241,6 +431,212 @@ impl Datapath {
         name: &'static str,
     ) -> Result<&mut aya::programs::SchedClassifier, AttachError> {
         self.program(name).map_err(|_| AttachError::NoProgram(name))
+    }
+}
+
+/// Adds the clsact qdisc netlink tc filters hang from to `iface`, unless it has one.
+fn add_clsact(iface: &str) -> Result<(), AttachError> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => Ok(()),
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(source) => Err(AttachError::Qdisc {
+            iface: iface.into(),
+            source: source.into(),
+        }),
+    }
+}
+
+fn attach_error(hook: Hook<'_>, source: ProgramError) -> AttachError {
+    AttachError::Attach {
+        program: hook.program,
+        iface: hook.iface.into(),
+        direction: hook.direction,
+        source: source.into(),
+    }
+}
+
+/// What is pinned at a link's pin.
+#[derive(Debug, PartialEq, Eq)]
+enum Pinned {
+    Nothing,
+    /// A TCX or XDP link attached to the device of this ifindex.
+    Device(u32),
+    /// A TCX or XDP link whose device is gone.
+    Severed,
+    /// Another kind of link.
+    Other,
+}
+
+/// What is pinned at `pin`.
+fn pinned(pin: &Path) -> Result<Pinned, AttachError> {
+    use aya_obj::generated::bpf_cmd;
+    /// The BPF_OBJ_GET member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let path = CString::new(pin.as_os_str().as_bytes()).map_err(|e| pin_error(pin, e))?;
+    let mut attr = ObjGetAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: the kernel reads the NUL-terminated path, which outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET as libc::c_int,
+            &raw mut attr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::NotFound => Ok(Pinned::Nothing),
+            _ => Err(pin_error(pin, e)),
+        };
+    }
+    // SAFETY: BPF_OBJ_GET returned a new descriptor, ours alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(match link_ifindex(&fd).map_err(|e| pin_error(pin, e))? {
+        Some(0) => Pinned::Severed,
+        Some(ifindex) => Pinned::Device(ifindex),
+        None => Pinned::Other,
+    })
+}
+
+/// The ifindex of the device the TCX or XDP link `fd` is attached to: 0 once the device is gone
+/// (the kernel severs the link); `None` for another type of link.
+fn link_ifindex(fd: &OwnedFd) -> io::Result<Option<u32>> {
+    use aya_obj::generated::{bpf_cmd, bpf_link_info, bpf_link_type};
+    /// The `info` member of `union bpf_attr` (BPF_OBJ_GET_INFO_BY_FD).
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_link_info is plain old data, valid zeroed.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<bpf_link_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_int,
+            &raw mut attr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the union member of the link's type.
+    Ok(unsafe {
+        match info.type_ {
+            t if t == bpf_link_type::BPF_LINK_TYPE_TCX as u32 => {
+                Some(info.__bindgen_anon_1.tcx.ifindex)
+            }
+            t if t == bpf_link_type::BPF_LINK_TYPE_XDP as u32 => {
+                Some(info.__bindgen_anon_1.xdp.ifindex)
+            }
+            _ => None,
+        }
+    })
+}
+
+/// One of the netlink tc filters on a hook.
+#[derive(Debug)]
+struct Filter {
+    priority: u16,
+    handle: TcHandle,
+    /// Name of its BPF program; empty for a filter of another kind.
+    name: String,
+}
+
+/// The tc filters on the clsact hook of `hook` (its interface and direction), in the calling
+/// thread's network namespace.
+fn filters(hook: Hook<'_>) -> Result<Vec<Filter>, AttachError> {
+    dump_filters(hook.iface, hook.direction).map_err(|source| AttachError::Filters {
+        iface: hook.iface.into(),
+        direction: hook.direction,
+        source,
+    })
+}
+
+fn dump_filters(iface: &str, direction: TcAttachType) -> io::Result<Vec<Filter>> {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+    use netlink_packet_route::{
+        tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
+        RouteNetlinkMessage,
+    };
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    let ifindex = nix::net::if_::if_nametoindex(iface)?;
+    let mut request = TcMessage::with_index(ifindex as i32);
+    // The clsact qdisc's ingress or egress: TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS/EGRESS).
+    request.header.parent = match direction {
+        TcAttachType::Egress => 0xFFFF_FFF3,
+        _ => 0xFFFF_FFF2,
+    }
+    .into();
+    let mut message = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(request));
+    message.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    message.header.sequence_number = 1;
+    message.finalize();
+    let mut bytes = vec![0; message.buffer_len()];
+    message.serialize(&mut bytes);
+
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(&bytes, 0)?;
+    let mut filters = Vec::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0)?;
+        let mut offset = 0;
+        while offset < buf.len() {
+            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            offset += reply.header.length as usize;
+            match reply.payload {
+                NetlinkPayload::Done(_) => return Ok(filters),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
+                    let name = m
+                        .attributes
+                        .iter()
+                        .filter_map(|a| match a {
+                            TcAttribute::Options(options) => Some(options),
+                            _ => None,
+                        })
+                        .flatten()
+                        .find_map(|o| match o {
+                            TcOption::Bpf(TcFilterBpfOption::ProgName(name)) => Some(name.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    filters.push(Filter {
+                        priority: (m.header.info >> 16) as u16,
+                        handle: TcHandle::from(u32::from(m.header.handle)),
+                        name,
+                    });
+                }
+                _ => {}
+            }
+            if reply.header.length == 0 {
+                break;
+            }
+        }
     }
 }
 
@@ -282,5 +678,30 @@ fn replace_error(program: &'static str, pin: &Path, source: ProgramError) -> Att
         program,
         path: pin.display().to_string(),
         source: source.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tc_mode_follows_the_kernel_unless_the_environment_says_otherwise() {
+        for (env, tcx_kernel, mode) in [
+            (None, true, Ok(TcMode::Tcx)),
+            (None, false, Ok(TcMode::Netlink)),
+            (Some("auto"), true, Ok(TcMode::Tcx)),
+            (Some(""), false, Ok(TcMode::Netlink)),
+            (Some("netlink"), true, Ok(TcMode::Netlink)),
+            (Some(" netlink\n"), true, Ok(TcMode::Netlink)),
+            (Some("tcx"), false, Ok(TcMode::Tcx)),
+            (Some("legacy"), true, Err("legacy".to_owned())),
+        ] {
+            assert_eq!(
+                tc_mode_of(env, tcx_kernel),
+                mode,
+                "{env:?} on TCX {tcx_kernel}"
+            );
+        }
     }
 }

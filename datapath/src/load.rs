@@ -1,7 +1,17 @@
 //! Loading the eBPF object: its load-time configuration, its programs through the verifier, its
 //! maps pinned (or reused) in bpffs, and the reader of its log records.
+//!
+//! A pinned map is reused only when the kernel's record of it (type, key and value sizes,
+//! capacity, flags) is what the object defines: aya would reopen any map pinned under the name.
+//! A layout change comes with a new version suffix on the map's name, so an upgraded agent
+//! creates the new map, and the pins of versions the object no longer uses are removed (the
+//! programs still attached keep their maps until they are swapped).
 
-use std::net::Ipv4Addr;
+use std::{
+    fmt, io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     programs::{Program, SchedClassifier, Xdp},
@@ -29,6 +39,31 @@ pub enum LoadError {
     /// The object could not be parsed or its maps created or pinned.
     #[error("loading the eBPF object")]
     Object(#[source] Box<aya::EbpfError>),
+    /// The object's ELF could not be parsed for its map definitions.
+    #[error("parsing the eBPF object's map definitions")]
+    Parse(#[source] Box<aya_obj::ParseError>),
+    /// A map pinned under one of the object's map names has another layout: reusing it would
+    /// misread its entries, or ignore a new capacity.
+    #[error(
+        "map {name} pinned at {path} is {pinned}, but this podwire's object defines it as \
+         {object}: it was pinned by an incompatible podwire build (a map's layout changes only \
+         with a new version suffix on its name). Remove the pin (rm {path}) and restart the \
+         agent, which creates the map afresh and refills it; programs still attached keep the \
+         old map until they are swapped"
+    )]
+    IncompatiblePin {
+        name: &'static str,
+        path: PathBuf,
+        pinned: MapLayout,
+        object: MapLayout,
+    },
+    /// A pin in the maps directory could not be read as a map, or removed.
+    #[error("pinned map {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The object lacks a program this build expects: binary and object are out of step.
     #[error("the eBPF object has no program named {0} of the type this build expects")]
     NoProgram(&'static str),
@@ -164,6 +199,8 @@ impl Datapath {
             .override_global("NODE_ADDR", &node_address, true);
         if let Some(pins) = options.pins {
             crate::bpffs::prepare(pins)?;
+            check_pinned_layouts(object, pins)?;
+            remove_unused_pins(pins)?;
             for name in maps::PINNED {
                 loader.map_pin_path(name, pins.map(name));
             }
@@ -221,4 +258,127 @@ impl Datapath {
             .and_then(|p| p.try_into().ok())
             .ok_or(LoadError::NoProgram(programs::FROM_NETDEV))
     }
+}
+
+/// A map's layout, as the kernel records it and as the object defines it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    /// `bpf_map_type`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match aya_obj::generated::bpf_map_type::try_from(self.map_type) {
+            Ok(t) => write!(f, "{t:?}")?,
+            Err(_) => write!(f, "map type {}", self.map_type)?,
+        }
+        write!(
+            f,
+            ", key {} B, value {} B, {} entries, flags {:#x}",
+            self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+impl MapLayout {
+    /// The layout of the map pinned at `path`.
+    fn of_pin(path: &Path) -> Result<MapLayout, LoadError> {
+        let info = aya::maps::MapInfo::from_pin(path).map_err(|e| LoadError::Pin {
+            path: path.to_path_buf(),
+            source: e.into(),
+        })?;
+        Ok(MapLayout {
+            map_type: info.map_type().map_err(|e| LoadError::Pin {
+                path: path.to_path_buf(),
+                source: e.into(),
+            })? as u32,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        })
+    }
+
+    /// The layout aya creates `map` with: a ring buffer's size rounded up to a power-of-two
+    /// multiple of the page size, with no key or value.
+    fn of_definition(map: &aya_obj::Map, page_size: u32) -> MapLayout {
+        let mut layout = MapLayout {
+            map_type: map.map_type(),
+            key_size: map.key_size(),
+            value_size: map.value_size(),
+            max_entries: map.max_entries(),
+            flags: map.map_flags(),
+        };
+        if layout.map_type == aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32 {
+            layout.max_entries = layout.max_entries.next_power_of_two().max(page_size);
+            layout.key_size = 0;
+            layout.value_size = 0;
+        }
+        layout
+    }
+}
+
+/// Refuses to load over a map pinned under one of the object's names with another layout.
+fn check_pinned_layouts(object: &[u8], pins: &Pins) -> Result<(), LoadError> {
+    let parsed = aya_obj::Object::parse(object).map_err(|e| LoadError::Parse(e.into()))?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    for name in maps::PINNED {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let definition = parsed
+            .maps
+            .get(name)
+            .ok_or(LoadError::Map(MapError::NotInObject { name, source: None }))?;
+        let object = MapLayout::of_definition(definition, page_size);
+        let pinned = MapLayout::of_pin(&path)?;
+        if pinned != object {
+            return Err(LoadError::IncompatiblePin {
+                name,
+                path,
+                pinned,
+                object,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pins in the maps directory that the object does not use: earlier versions of its
+/// maps (`ENDPOINTS_V1` once `ENDPOINTS_V2` replaced it), maps it dropped. Programs attached
+/// with them keep them until this agent swaps its own in.
+fn remove_unused_pins(pins: &Pins) -> Result<(), LoadError> {
+    let dir = pins.maps_dir();
+    let pin_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: io::Error| LoadError::Pin {
+            path,
+            source: e.into(),
+        }
+    };
+    for entry in std::fs::read_dir(&dir).map_err(pin_error(&dir))? {
+        let entry = entry.map_err(pin_error(&dir))?;
+        let name = entry.file_name();
+        if maps::PINNED.iter().any(|used| name == **used) {
+            continue;
+        }
+        let path = entry.path();
+        log::info!(
+            "removing the pinned map {}: this podwire's object does not use it (an earlier \
+             version's)",
+            path.display()
+        );
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(pin_error(&path)(e)),
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -143,15 +143,20 @@ fn access(name: &'static str) -> impl Fn(aya::maps::MapError) -> MapError {
     }
 }
 
-/// `Ok(())` for a key that was not there: removing is idempotent.
+/// `Ok(())` for a key that was not there (the kernel's ENOENT): removing is idempotent.
 fn removed(result: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), MapError> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(source) => Err(access(name)(source)),
     }
 }
 
-/// `ENDPOINTS_V1`: the pods on this node by IPv4 address.
+/// `ENDPOINTS_V2`: the pods on this node by IPv4 address.
 pub struct Endpoints(HashMap<MapData, EndpointKey, Endpoint>);
 
 impl DatapathMap for Endpoints {

@@ -158,10 +158,10 @@ impl core::iter::Sum for Counter {
     }
 }
 
-/// Key of `ENDPOINTS_V1`: a pod's IPv4 address, in network byte order as it stands in packets.
+/// Key of `ENDPOINTS_V2`: a pod's IPv4 address, in network byte order as it stands in packets.
 pub type EndpointKey = [u8; 4];
 
-/// Value of `ENDPOINTS_V1`: a pod on this node, as the datapath needs it.
+/// Value of `ENDPOINTS_V2`: a pod on this node, as the datapath needs it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
@@ -187,7 +187,7 @@ unsafe impl aya::Pod for Endpoint {}
 pub enum NodeKind {
     /// Another node's pod CIDR, or its underlay address as a /32: tunnelled to that node.
     Remote = 0,
-    /// This node's own pod CIDR: its pods are in `ENDPOINTS_V1`, never tunnelled.
+    /// This node's own pod CIDR: its pods are in `ENDPOINTS_V2`, never tunnelled.
     Local = 1,
     /// The cluster's whole pod range, below every node's CIDR: matches only addresses that no
     /// node owns.
@@ -295,8 +295,11 @@ unsafe impl aya::Pod for FlowKey {}
 /// oldest records, and their replies then take the shortcut.
 pub const MAX_STACK_FLOWS: u32 = 131_072;
 
-/// Most endpoints one node holds (Kubernetes' default is 110 pods per node).
-pub const MAX_ENDPOINTS: u32 = 4096;
+/// Most endpoints one node holds: a /16 of pods (Kubernetes' default is 110 pods per node, but
+/// a node's pod CIDR may be as large as the cluster lets it). The map is preallocated, about
+/// 5 MiB of kernel memory at this size. `ENDPOINTS_V2` held 4096; changing this changes the map's
+/// version suffix.
+pub const MAX_ENDPOINTS: u32 = 65536;
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use podwire_common::{Endpoint, EndpointKey, NodeEntry, MAX_ENDPOINTS, MAX_NODES}
 
 /// Pods on this node by IPv4 address: their host-side veth and MACs.
 #[map]
-pub static ENDPOINTS_V1: HashMap<EndpointKey, Endpoint> =
+pub static ENDPOINTS_V2: HashMap<EndpointKey, Endpoint> =
     HashMap::with_max_entries(MAX_ENDPOINTS, 0);
 
 /// Pod CIDRs (and underlay addresses) to the node owning them, longest prefix first.
@@ -39,7 +39,7 @@ pub static NODE_ADDR: Global<[u8; 4]> = Global::new([0; 4]);
 #[inline(always)]
 pub fn endpoint_of(addr: &[u8; 4]) -> Option<&'static Endpoint> {
     // SAFETY: map values are only read here; the agent replaces them whole.
-    unsafe { ENDPOINTS_V1.get(addr) }
+    unsafe { ENDPOINTS_V2.get(addr) }
 }
 
 /// The node owning `addr` (network byte order), if any prefix covers it.
