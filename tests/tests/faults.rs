@@ -42,6 +42,7 @@ macro_rules! cases {
 cases! {
     fault_add_plugin_after_allocate: add_fault("cni.add.after-allocate"),
     fault_add_plugin_after_veth: add_fault("cni.add.after-veth"),
+    fault_add_plugin_after_address: add_fault("cni.add.after-address"),
     fault_add_plugin_after_register: add_fault("cni.add.after-register"),
     fault_add_agent_register_after_map: add_fault("agent.register.after-map"),
     fault_add_agent_register_after_attach: add_fault("agent.register.after-attach"),
@@ -262,6 +263,30 @@ fn gc_fault(bed: &mut Bed, fault: Fault) -> Result<()> {
     bed.faulted(fault, "GC", "", None)?;
     bed.then("GC", "", None)?;
     bed.clean("the failed GC and GC again")
+}
+
+/// The census sees what one pod holds, each kind of it, and it gone again after DEL: a leak of
+/// any of them would show.
+#[test]
+fn fault_census_counts_every_kind_of_state_a_pod_holds() -> Result<()> {
+    let bed = Bed::new()?;
+    let pod = NetNs::new("pod")?;
+    let added = bed.then("ADD", "c-census", Some(&pod))?.out.json()?;
+    let ip = pod_ip(&added)?;
+    let veth = added["interfaces"][0]["name"]
+        .as_str()
+        .context("the host veth in the ADD result")?;
+    let diff = Census::of(&bed.node)?.diff(&bed.before);
+    let want = [
+        format!("leaked address c-census/eth0 {ip}"),
+        format!("leaked veth {veth}"),
+        format!("leaked endpoint map entry {ip}"),
+        format!("leaked pinned link from_pod-{veth}"),
+        format!("leaked pinned link to_pod-{veth}"),
+    ];
+    ensure!(diff == want, "census of one more pod: {diff:?}");
+    bed.then("DEL", "c-census", Some(&pod))?;
+    bed.clean("DEL")
 }
 
 /// The agent's state directory on a real, full disk (a tiny tmpfs): ADD fails and leaves
