@@ -25,7 +25,10 @@ pub enum IpamError {
     /// The pod CIDR is too small to leave any address for pods.
     #[error("pod CIDR {0} has no addresses for pods (it needs at least a /30)")]
     CidrTooSmall(Ipv4Net),
-    /// Every address of the pod CIDR is in use.
+    /// Every address of the pod CIDR is in use. Transient in the CNI spec's sense (the plugin
+    /// answers code 11, try again later): addresses come back as this node's pods are deleted,
+    /// and kubelet retries the pod's sandbox with backoff whatever the code; the configuration
+    /// is valid (not 7) and no I/O failed (not 5).
     #[error("pod CIDR {0} is full: all {n} of its pod addresses are in use (they are free again as this node's pods are deleted)", n = pod_addresses(*.0))]
     Exhausted(Ipv4Net),
 }
@@ -54,7 +57,8 @@ impl Ipam {
             return Err(IpamError::CidrTooSmall(pod_cidr));
         }
         let store = Store::new(dir);
-        let allocations = match store.load()? {
+        let stored = store.load()?;
+        let allocations = match stored.clone() {
             Some(stored) if stored.pod_cidr == pod_cidr => stored,
             Some(stored) if !stored.endpoints.is_empty() => {
                 return Err(IpamError::CidrChanged {
@@ -63,9 +67,13 @@ impl Ipam {
                     configured: pod_cidr,
                 })
             }
-            // Nothing held yet: written with the first allocation.
             _ => Allocations::empty(pod_cidr),
         };
+        // Written only if it differs: an agent restarting on a full disk still starts, and
+        // serves what needs no write.
+        if stored.as_ref() != Some(&allocations) {
+            store.save(&allocations)?;
+        }
         Ok(Ipam {
             _lock: lock,
             store,

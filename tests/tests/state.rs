@@ -280,6 +280,16 @@ fn a_full_disk_fails_add_and_del_cleanly_and_nothing_comes_back_after_a_restart(
         "the agent holds no address for the failed ADD: {c_held:?}"
     );
 
+    // An agent restarting on the full disk starts (it writes nothing it has not changed) and
+    // holds what the disk holds.
+    node.stop_agent()?;
+    node.start_agent()?;
+    let a_held = held(&node, &a.container_id, &a.ns)?;
+    assert!(
+        matches!(a_held, Ok((ip, false)) if ip == a.ip),
+        "after a restart on the full disk: {a_held:?}"
+    );
+
     // Space again: the runtime retries DEL a, and the released address stays released.
     fs::remove_file(&filler)?;
     assert!(node.cni_pod("DEL", &a.container_id, Some(&a.ns))?.success);
