@@ -2,7 +2,8 @@
 //! `cargo xtask bench`. Nodes and pods are network namespaces ([`namespaces`]) joined by veths and
 //! an underlay bridge ([`nodes`]); each node runs the real `podwire-agent` ([`processes`]); pods
 //! are wired by exec'ing the real CNI plugin as a container runtime does ([`cni`]); traffic
-//! between them is real ([`traffic`]), and so are the frames crafted for the programs
+//! between them is real ([`traffic`]; continuous streams and pings for tests that break things
+//! underneath them in [`load`]), and so are the frames crafted for the programs
 //! ([`packets`]). [`k8s`] adds a real Kubernetes control plane and the real kube-proxy on the
 //! nodes, for Services; [`kubelet`] a whole cluster of real kubelet and containerd nodes, whose
 //! images [`images`] writes. What `cargo xtask` built is found through [`artifacts`]. [`vm`] is
@@ -18,6 +19,7 @@ pub mod faults;
 pub mod images;
 pub mod k8s;
 pub mod kubelet;
+pub mod load;
 pub mod namespaces;
 pub mod nodes;
 pub mod packets;

@@ -3,6 +3,7 @@
 //! cluster file; and the bare node-and-pod pair the datapath tests attach programs to by hand.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -143,6 +144,25 @@ impl Node {
         Ok(log)
     }
 
+    /// Kills the agent with SIGKILL, as a crash or the OOM killer does: none of its shutdown
+    /// runs. Returns its log.
+    pub fn kill_agent(&mut self) -> Result<Vec<String>> {
+        use std::os::unix::process::ExitStatusExt as _;
+        let agent = self.agent.take().context("the agent is not running")?;
+        let (status, log) = agent.stop(Signal::SIGKILL)?;
+        ensure!(
+            status.signal() == Some(Signal::SIGKILL as i32),
+            "the agent was not killed by SIGKILL but exited: {status}\n{}",
+            log.join("\n")
+        );
+        Ok(log)
+    }
+
+    /// The kernel's ids of what the agent pinned (see [`PinnedIds`]).
+    pub fn pinned_ids(&self) -> Result<PinnedIds> {
+        PinnedIds::read(&self.pins())
+    }
+
     /// Runs the `podwire` CLI on this node with `args` (its pin root given), failing unless it
     /// succeeds.
     pub fn podwire(&self, args: &[&str]) -> Result<Output> {
@@ -189,6 +209,83 @@ impl Drop for Node {
     fn drop(&mut self) {
         // The agent first: its pins and namespace go after it.
         drop(self.agent.take());
+    }
+}
+
+/// The kernel's ids of everything pinned below a pin root: each map's id, and each link's id with
+/// the id of the program it runs. A restarted agent that adopts the pinned state keeps every map
+/// id (a re-created map gets a new one, empty) and every link id, with its own program swapped
+/// into the links.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinnedIds {
+    /// Map name to map id.
+    pub maps: BTreeMap<String, u32>,
+    /// Link pin name (`<program>-<interface>`) to link id and program id.
+    pub links: BTreeMap<String, (u32, u32)>,
+}
+
+impl PinnedIds {
+    /// Reads the ids of the maps and links pinned below `pins`; a root with no links directory
+    /// (nothing pinned yet, or a kernel without tc links) has no links.
+    pub fn read(pins: &Pins) -> Result<PinnedIds> {
+        use aya::{
+            maps::MapInfo,
+            programs::links::{FdLink, PinnedLink},
+        };
+        let mut ids = PinnedIds::default();
+        for name in podwire_core::object::maps::PINNED {
+            let path = pins.map(name);
+            let info = MapInfo::from_pin(&path)
+                .with_context(|| format!("opening the pinned map {}", path.display()))?;
+            ids.maps.insert(name.to_owned(), info.id());
+        }
+        let dir = pins.links_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
+            entries => entries.with_context(|| format!("listing {}", dir.display()))?,
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let link = FdLink::from(
+                PinnedLink::from_pin(&path)
+                    .with_context(|| format!("opening the pinned link {}", path.display()))?,
+            );
+            let info = link
+                .info()
+                .with_context(|| format!("reading the pinned link {}", path.display()))?;
+            let name = path
+                .file_name()
+                .expect("a directory entry has a name")
+                .to_string_lossy()
+                .into_owned();
+            ids.links.insert(name, (info.id(), info.program_id()));
+        }
+        Ok(ids)
+    }
+
+    /// What differs between `self` (before a restart) and `after`, beyond the links' programs:
+    /// maps or links gone, added or re-created. Empty when `after` adopted everything.
+    pub fn not_adopted(&self, after: &PinnedIds) -> Vec<String> {
+        let mut differences = Vec::new();
+        for (name, id) in &self.maps {
+            match after.maps.get(name) {
+                None => differences.push(format!("map {name} is no longer pinned")),
+                Some(new) if new != id => {
+                    differences.push(format!("map {name} was re-created (id {id} -> {new})"))
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, (id, _)) in &self.links {
+            match after.links.get(name) {
+                None => differences.push(format!("link {name} is no longer pinned")),
+                Some((new, _)) if new != id => {
+                    differences.push(format!("link {name} was re-created (id {id} -> {new})"))
+                }
+                Some(_) => {}
+            }
+        }
+        differences
     }
 }
 
