@@ -9,11 +9,12 @@ use podwire_core::{
     api::{ApiError, ErrorKind},
     endpoint::{Attachment, EndpointRecord, VethPair},
     error_chain,
+    fault::{self, Injected},
     mac::Mac,
     pins::Pins,
 };
 use podwire_datapath::{tcx_supported, AttachError, Datapath, Hook, MapError};
-use podwire_netlink::{Netlink, NetlinkError};
+use podwire_netlink::{LinkRef, Netlink, NetlinkError};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -61,6 +62,33 @@ pub enum LifecycleError {
         ip: Ipv4Addr,
         errno: nix::Error,
     },
+    /// Register named another interface than the attachment's own veth (whose name the agent
+    /// derives from the attachment, as the plugin does).
+    #[error("Register of {} names {got}, but its host-side veth is {want}: refusing to attach to anything else", .attachment.key())]
+    NotItsVeth {
+        attachment: Attachment,
+        got: String,
+        want: String,
+    },
+    /// The interface Register named does not exist.
+    #[error("Register of {}: host-side veth {name} does not exist", .attachment.key())]
+    NoSuchVeth {
+        attachment: Attachment,
+        name: String,
+    },
+    /// The interface Register named is not a veth.
+    #[error("Register of {}: {name} is not a veth ({kind})", .attachment.key())]
+    NotAVeth {
+        attachment: Attachment,
+        name: String,
+        kind: String,
+    },
+    /// GC could not remove every stale attachment; those it could are gone.
+    #[error("GC removed {removed} stale attachment(s) and failed on {}: {}", .failed.len(), gc_failures(.failed))]
+    Gc {
+        removed: usize,
+        failed: Vec<(Attachment, LifecycleError)>,
+    },
     /// IPAM failed.
     #[error(transparent)]
     Ipam(#[from] IpamError),
@@ -73,6 +101,19 @@ pub enum LifecycleError {
     /// A veth could not be deleted.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// A fault injected for a test (`PODWIRE_FAULT`), in place of a map, attachment or disk
+    /// error.
+    #[error(transparent)]
+    Injected(#[from] Injected),
+}
+
+/// Each failed attachment of a GC with its error chain.
+fn gc_failures(failed: &[(Attachment, LifecycleError)]) -> String {
+    failed
+        .iter()
+        .map(|(attachment, e)| format!("{}: {}", attachment.key(), error_chain(e)))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What the plugin is told: the whole chain, and whether trying again may help.
@@ -83,7 +124,9 @@ impl From<LifecycleError> for ApiError {
             LifecycleError::Ipam(_)
             | LifecycleError::Map(_)
             | LifecycleError::Attach(_)
-            | LifecycleError::Netlink(_) => ErrorKind::Internal,
+            | LifecycleError::Netlink(_)
+            | LifecycleError::Injected(_)
+            | LifecycleError::Gc { .. } => ErrorKind::Internal,
             _ => ErrorKind::Invalid,
         };
         ApiError {
@@ -146,6 +189,13 @@ impl Agent {
         let records: Vec<EndpointRecord> = agent.ipam.records().cloned().collect();
         for record in records {
             let Some(veth) = &record.veth else {
+                // A registration that never completed (the agent died before recording it):
+                // what it had wired is not the pod's; the plugin's next ADD wires it anew, DEL
+                // or GC releases it.
+                let host_ifname = record.attachment().host_ifname();
+                if let Err(e) = agent.detach_endpoint(record.ip, &host_ifname) {
+                    warn!(ip = %record.ip, veth = %host_ifname, "cannot clear a registration that never completed: {}", error_chain(&e));
+                }
                 continue;
             };
             match agent.attach_endpoint(record.ip, veth) {
@@ -181,6 +231,8 @@ impl Agent {
     }
 
     /// Puts the wired veth pair of an allocated attachment into the datapath and records it.
+    /// The pair must be the attachment's own: its host side named as the agent derives it from
+    /// the attachment, and a veth. If any step fails, nothing of it is left wired.
     pub fn register(
         &mut self,
         attachment: &Attachment,
@@ -191,12 +243,38 @@ impl Agent {
             .get(attachment)
             .cloned()
             .ok_or_else(|| LifecycleError::NotAllocated(attachment.clone()))?;
-        if let Err(e) = self.attach_endpoint(record.ip, &veth) {
-            self.detach_endpoint(record.ip, &veth.host_ifname)?;
+        its_own_veth(attachment, &veth)?;
+        if record.veth.as_ref() == Some(&veth) {
+            // Registered with this very pair already: this agent's program swapped in, nothing
+            // undone if that fails (the pod is live).
+            return self.attach_endpoint(record.ip, &veth);
+        }
+        // Links pinned under this name belong to an earlier device of the name (an ADD that
+        // failed or died half way, a pod that lost its interface).
+        self.detach_endpoint(record.ip, &veth.host_ifname)?;
+        if let Err(e) = self.wire(attachment, record.ip, &veth) {
+            // A map entry or link that the record does not know would outlive the pod.
+            if let Err(undo) = self.detach_endpoint(record.ip, &veth.host_ifname) {
+                warn!(ip = %record.ip, veth = %veth.host_ifname, "undoing a failed Register: {}", error_chain(&undo));
+            }
             return Err(e);
         }
-        self.ipam.set_veth(attachment, veth.clone())?;
         info!(container = %attachment.container_id, ip = %record.ip, veth = %veth.host_ifname, "endpoint registered");
+        Ok(())
+    }
+
+    /// Register's steps: the map entry, the links, the record.
+    fn wire(
+        &mut self,
+        attachment: &Attachment,
+        ip: Ipv4Addr,
+        veth: &VethPair,
+    ) -> Result<(), LifecycleError> {
+        self.datapath.endpoints.set(ip, endpoint_of(ip, veth)?)?;
+        fault::point("agent.register.after-map")?;
+        self.attach_hooks(&veth.host_ifname)?;
+        fault::point("agent.register.after-attach")?;
+        self.ipam.set_veth(attachment, veth.clone())?;
         Ok(())
     }
 
@@ -205,10 +283,10 @@ impl Agent {
         let Some(record) = self.ipam.get(attachment).cloned() else {
             return Ok(None);
         };
-        match &record.veth {
-            Some(veth) => self.detach_endpoint(record.ip, &veth.host_ifname)?,
-            None => self.datapath.endpoints.remove(record.ip)?,
-        }
+        // By the derived name: a registration that died before recording its veth has links
+        // there too.
+        self.detach_endpoint(record.ip, &attachment.host_ifname())?;
+        fault::point("agent.release.after-detach")?;
         self.ipam.release(attachment)?;
         info!(container = %attachment.container_id, ip = %record.ip, "endpoint released");
         Ok(Some(record.ip))
@@ -254,6 +332,8 @@ impl Agent {
     }
 
     /// Removes every attachment not in `valid`, with its host-side veth; returns those removed.
+    /// It goes on past an attachment it cannot remove, and then fails naming each of those
+    /// (kept, for the next GC).
     pub async fn gc(&mut self, valid: Vec<Attachment>) -> Result<Vec<Attachment>, LifecycleError> {
         let valid: HashSet<Attachment> = valid.into_iter().collect();
         let stale: Vec<Attachment> = self
@@ -262,21 +342,49 @@ impl Agent {
             .map(EndpointRecord::attachment)
             .filter(|a| !valid.contains(a))
             .collect();
-        for attachment in &stale {
-            if let Some(veth) = self.ipam.get(attachment).and_then(|r| r.veth.clone()) {
-                self.netlink.delete_link(&veth.host_ifname).await?;
+        let mut removed = Vec::new();
+        let mut failed = Vec::new();
+        for attachment in stale {
+            match self.collect(&attachment).await {
+                Ok(()) => {
+                    info!(container = %attachment.container_id, ifname = %attachment.ifname, "garbage-collected");
+                    removed.push(attachment);
+                }
+                Err(e) => {
+                    warn!(container = %attachment.container_id, ifname = %attachment.ifname, "cannot garbage-collect: {}", error_chain(&e));
+                    failed.push((attachment, e));
+                }
             }
-            self.release(attachment)?;
-            info!(container = %attachment.container_id, ifname = %attachment.ifname, "garbage-collected");
         }
-        Ok(stale)
+        if failed.is_empty() {
+            Ok(removed)
+        } else {
+            Err(LifecycleError::Gc {
+                removed: removed.len(),
+                failed,
+            })
+        }
+    }
+
+    /// Removes one stale attachment: its veth (by the derived name, which one never registered
+    /// has too if the plugin made it), map entry, links and address.
+    async fn collect(&mut self, attachment: &Attachment) -> Result<(), LifecycleError> {
+        self.netlink.delete_link(&attachment.host_ifname()).await?;
+        fault::point("agent.gc.after-veth-delete")?;
+        self.release(attachment)?;
+        Ok(())
     }
 
     /// Writes the endpoint map entry of `ip` and attaches `from_pod` and `to_pod` to the host
     /// side of `veth`.
     fn attach_endpoint(&mut self, ip: Ipv4Addr, veth: &VethPair) -> Result<(), LifecycleError> {
         self.datapath.endpoints.set(ip, endpoint_of(ip, veth)?)?;
-        for hook in Hook::pod(&veth.host_ifname) {
+        self.attach_hooks(&veth.host_ifname)
+    }
+
+    /// Attaches `from_pod` and `to_pod` to `host_ifname`, their links pinned.
+    fn attach_hooks(&mut self, host_ifname: &str) -> Result<(), LifecycleError> {
+        for hook in Hook::pod(host_ifname) {
             self.datapath.attach_pinned(hook, &hook.pin(&self.pins))?;
         }
         Ok(())
@@ -289,6 +397,34 @@ impl Agent {
             Datapath::detach_pinned(&hook.pin(&self.pins))?;
         }
         Ok(())
+    }
+}
+
+/// Checks that `veth`, named in a Register of `attachment`, is the attachment's own: a Register
+/// naming the node's uplink would put `from_pod` on it, which drops the node's traffic as
+/// spoofed.
+fn its_own_veth(attachment: &Attachment, veth: &VethPair) -> Result<(), LifecycleError> {
+    let want = attachment.host_ifname();
+    if veth.host_ifname != want {
+        return Err(LifecycleError::NotItsVeth {
+            attachment: attachment.clone(),
+            got: veth.host_ifname.clone(),
+            want,
+        });
+    }
+    match Netlink::link_blocking(LinkRef::Name(&want))? {
+        None => Err(LifecycleError::NoSuchVeth {
+            attachment: attachment.clone(),
+            name: want,
+        }),
+        Some(link) if !link.is_veth() => Err(LifecycleError::NotAVeth {
+            attachment: attachment.clone(),
+            name: want,
+            kind: link
+                .kind
+                .map_or_else(|| "a device with a driver".into(), |k| format!("{k:?}")),
+        }),
+        Some(_) => Ok(()),
     }
 }
 

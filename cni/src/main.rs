@@ -13,6 +13,7 @@ use std::{io::Read as _, process::ExitCode};
 use podwire_core::{
     api::{self, Reply, Request},
     endpoint::{Attachment, VethPair},
+    fault::{self, Injected},
 };
 use podwire_netlink::{
     pod::{self, PodInterface, PodNetns, GATEWAY},
@@ -96,14 +97,20 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
     let netns = config::required("CNI_NETNS", "ADD")?;
     let host = Netlink::connect()?;
     let pod_ns = PodNetns::open(&netns)?;
-    let (ip, node_mtu) = match call(
+    let (ip, node_mtu, fresh, registered) = match call(
         conf,
         &Request::Allocate {
             attachment: attachment.clone(),
             netns: netns.clone(),
         },
     )? {
-        Reply::Allocated { ip, mtu, .. } => (ip, mtu),
+        Reply::Allocated {
+            ip,
+            mtu,
+            fresh,
+            registered,
+            ..
+        } => (ip, mtu, fresh, registered),
         other => return Err(unexpected(other)),
     };
     let host_ifname = attachment.host_ifname();
@@ -113,28 +120,52 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
         ip,
         mtu: conf.mtu.unwrap_or(node_mtu),
     };
-    match wire_up(conf, &host, &pod_ns, &attachment, want).await {
+    // A repeated ADD (a restarted kubelet, a lost answer) of a pod that is wired as the agent
+    // recorded it: the same result, and nothing touched.
+    if let Some(veth) = &registered {
+        let wired = veth.host_ifname == host_ifname
+            && pod::check(&host, &pod_ns, veth, &attachment.ifname, ip)
+                .await
+                .is_ok();
+        if wired {
+            return Ok(add_result(conf, &attachment, &netns, want, veth));
+        }
+    }
+    let mut made_veth = false;
+    match wire_up(conf, &host, &pod_ns, &attachment, want, &mut made_veth).await {
         Ok(veth) => Ok(add_result(conf, &attachment, &netns, want, &veth)),
         Err(e) => {
-            // Leave nothing behind: the veth (its peer goes with it) and the address.
-            let _ = host.delete_link(&host_ifname).await;
-            let _ = call(conf, &Request::Release { attachment });
+            // Undo what this ADD did and nothing else: the veth it made (its peer goes with it)
+            // and the address it allocated. An address held before belongs to a pod the runtime
+            // still has; its DEL releases it.
+            if made_veth {
+                let _ = host.delete_link(&host_ifname).await;
+            }
+            if fresh {
+                let _ = call(conf, &Request::Release { attachment });
+            }
             Err(e)
         }
     }
 }
 
-/// Creates the pod's veth pair and addressing and registers it with the agent.
+/// Creates the pod's veth pair and addressing and registers it with the agent; `made_veth` is
+/// set once the pair exists.
 async fn wire_up(
     conf: &NetConf,
     host: &Netlink,
     pod_ns: &PodNetns,
     attachment: &Attachment,
     want: PodInterface<'_>,
+    made_veth: &mut bool,
 ) -> Result<VethPair, CniError> {
-    // A leftover of an earlier ADD of this attachment (the runtime should have called DEL).
+    fault::point("cni.add.after-allocate").map_err(injected)?;
+    // A leftover of an earlier ADD of this attachment that never completed, or whose pod lost its
+    // interface: made anew.
     host.delete_link(want.host_ifname).await?;
+    // It removes the pair itself if it fails half way.
     let veth = pod::create(host, pod_ns, want).await?;
+    *made_veth = true;
     call(
         conf,
         &Request::Register {
@@ -144,7 +175,14 @@ async fn wire_up(
             pod_mac: veth.pod_mac,
         },
     )?;
+    fault::point("cni.add.after-register").map_err(injected)?;
     Ok(veth)
+}
+
+/// A failure injected at a fault point (see `podwire_core::fault`): an I/O failure, as a netlink
+/// or agent error there would be.
+fn injected(e: Injected) -> CniError {
+    CniError::new(code::IO_FAILURE, e.to_string())
 }
 
 /// ADD's result: ours, after the previous plugins' in a chain, in the configuration's version.
@@ -200,6 +238,7 @@ async fn del(conf: &NetConf) -> Result<(), CniError> {
     Netlink::connect()?
         .delete_link(&attachment.host_ifname())
         .await?;
+    fault::point("cni.del.after-veth-delete").map_err(injected)?;
     // Unreachable agent: "try again later", so the runtime retries and the address is released.
     call(conf, &Request::Release { attachment })?;
     Ok(())
@@ -232,12 +271,9 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
             ),
         ));
     }
-    match call(
-        conf,
-        &Request::Gc {
-            valid: conf.valid_attachments()?,
-        },
-    )? {
+    let valid = conf.valid_attachments()?;
+    fault::point("cni.gc.before-call").map_err(injected)?;
+    match call(conf, &Request::Gc { valid })? {
         Reply::Collected { .. } => Ok(()),
         other => Err(unexpected(other)),
     }

@@ -69,6 +69,11 @@ impl Link {
         link
     }
 
+    /// Whether the link is one end of a veth pair.
+    pub fn is_veth(&self) -> bool {
+        self.kind == Some(InfoKind::Veth)
+    }
+
     /// The link's MAC address, which every veth and VXLAN device has.
     pub fn mac(&self) -> Result<Mac, NetlinkError> {
         self.mac
@@ -118,6 +123,24 @@ impl Netlink {
                 source,
             }),
         }
+    }
+
+    /// The link `which` in the calling thread's namespace, for a caller that cannot await (it
+    /// may itself run on an async runtime): looked up on a thread of its own, with a connection
+    /// of its own.
+    pub fn link_blocking(which: LinkRef<'_>) -> Result<Option<Link>, NetlinkError> {
+        std::thread::scope(|s| {
+            // A new thread starts in its creator's network namespace.
+            s.spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .map_err(NetlinkError::Socket)?;
+                runtime.block_on(async { Netlink::connect()?.link(which).await })
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// The link named `name`, which must exist.

@@ -15,7 +15,11 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use nix::sched::{setns, CloneFlags};
-use podwire_core::{endpoint::VethPair, mac::Mac};
+use podwire_core::{
+    endpoint::VethPair,
+    fault::{self, Injected},
+    mac::Mac,
+};
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
@@ -90,7 +94,8 @@ pub struct PodInterface<'a> {
 }
 
 /// Creates the veth pair, its peer directly inside the pod's namespace, and addresses and routes
-/// both sides; returns the pair with both MACs.
+/// both sides; returns the pair with both MACs. If a step after the pair's creation fails, the
+/// pair is deleted again (its peer with it): nothing is left half made.
 pub async fn create(
     host: &Netlink,
     pod: &PodNetns,
@@ -99,8 +104,8 @@ pub async fn create(
     let PodInterface {
         host_ifname,
         ifname,
-        ip,
         mtu,
+        ..
     } = want;
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(ifname)
@@ -118,7 +123,28 @@ pub async fn create(
         .execute()
         .await
         .map_err(Op::CreateVeth(host_ifname.to_owned()).failed())?;
+    match address(host, pod, want).await {
+        Ok(pair) => Ok(pair),
+        Err(e) => {
+            let _ = host.delete_link(host_ifname).await;
+            Err(e)
+        }
+    }
+}
 
+/// Addresses and routes both sides of the new veth pair of `want`.
+async fn address(
+    host: &Netlink,
+    pod: &PodNetns,
+    want: PodInterface<'_>,
+) -> Result<VethPair, NetlinkError> {
+    let PodInterface {
+        host_ifname,
+        ifname,
+        ip,
+        ..
+    } = want;
+    fault::point("cni.add.after-veth").map_err(injected(Op::SetUp(host_ifname.to_owned())))?;
     let host_link = host.existing_link(host_ifname).await?;
     let host_mac = host_link.mac()?;
     // Pods are IPv4 only: with IPv6 off on both ends before they come up, the node never accepts
@@ -144,6 +170,7 @@ pub async fn create(
             }
             .failed(),
         )?;
+    fault::point("cni.add.after-address").map_err(injected(Op::SetUp(ifname.to_owned())))?;
     pod.enter(|| disable_ipv6(ifname))?;
     set_up(pod_nl, index, ifname).await?;
     pod_nl
@@ -184,6 +211,16 @@ pub async fn create(
         host_mac,
         pod_mac,
     })
+}
+
+/// A failure injected at a fault point (see `podwire_core::fault`), as the kernel refusing `op`,
+/// the step that comes next.
+fn injected(op: Op) -> impl FnOnce(Injected) -> NetlinkError {
+    |injected| NetlinkError::Request {
+        op,
+        // The one free-text error rtnetlink has: the message says what happened.
+        source: rtnetlink::Error::NamespaceError(injected.to_string()),
+    }
 }
 
 async fn set_up(netlink: &Netlink, index: u32, name: &str) -> Result<(), NetlinkError> {
