@@ -332,6 +332,7 @@ fn add_and_del_on_a_full_state_disk_leave_nothing_behind() -> Result<()> {
     // DEL of the control pod on the full disk may fail (the runtime retries), but what it
     // reports must be what the node holds: after a restart, the same.
     let del = bed.exec("DEL", CONTROL, Some(&bed.control.ns), None)?;
+    eprintln!("DEL on a full disk: {:?}", del.out);
     let during = Census::of(&bed.node)?;
     bed.node.stop_agent()?;
     bed.node.start_agent()?;
