@@ -296,9 +296,9 @@ unsafe impl aya::Pod for FlowKey {}
 pub const MAX_STACK_FLOWS: u32 = 131_072;
 
 /// Most endpoints one node holds: a /16 of pods (Kubernetes' default is 110 pods per node, but
-/// a node's pod CIDR may be as large as the cluster lets it). The map is preallocated: 6 MiB
-/// of kernel memory at this size (0.4 MiB at 4096). `ENDPOINTS_V2` held 4096; changing this changes the map's
-/// version suffix.
+/// a node's pod CIDR may be as large as the cluster lets it). The map is preallocated: 6 MiB of
+/// kernel memory at this size (0.4 MiB at 4096, what `ENDPOINTS_V1` held). Changing this changes
+/// the map's version suffix.
 pub const MAX_ENDPOINTS: u32 = 65536;
 
 #[cfg(test)]
