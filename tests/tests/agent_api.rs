@@ -107,6 +107,7 @@ fn api_holds_at_most_64_connections_and_serves_the_next_once_one_is_done() -> Re
     })?;
     std::thread::sleep(Duration::from_millis(500));
     let held = sockets_of(pid)? - before;
+    eprintln!("client connections the agent holds with 100 open: {held}");
     assert!(
         held <= 64,
         "the agent holds {held} client connections at once"
@@ -168,6 +169,10 @@ fn api_backs_off_instead_of_spinning_when_out_of_file_descriptors() -> Result<()
         std::thread::sleep(Duration::from_secs(3));
         let used = (cpu_ticks(pid)? - ticks) as f64 / 100.0;
         let share = used / started.elapsed().as_secs_f64();
+        eprintln!(
+            "agent CPU while out of file descriptors: {:.1}% of a CPU",
+            share * 100.0
+        );
         assert!(
             share < 0.2,
             "the agent spent {:.0}% of a CPU failing to accept",
