@@ -13,7 +13,7 @@ use podwire_core::{
     mac::Mac,
     pins::Pins,
 };
-use podwire_datapath::{tcx_supported, AttachError, Datapath, Hook, MapError};
+use podwire_datapath::{attached, remove_severed_links, AttachError, Datapath, Hook, MapError};
 use podwire_netlink::{LinkRef, Netlink, NetlinkError};
 use tracing::{debug, info, warn};
 
@@ -49,12 +49,8 @@ pub enum LifecycleError {
         want: Endpoint,
     },
     /// A program is not attached to the endpoint's host-side veth.
-    #[error("{program} is not attached to {veth} (no link at {})", .pin.display())]
-    NotAttached {
-        program: &'static str,
-        veth: String,
-        pin: std::path::PathBuf,
-    },
+    #[error("{program} is not attached to {veth}")]
+    NotAttached { program: &'static str, veth: String },
     /// The endpoint's host-side veth does not exist.
     #[error("host-side veth {veth} of {ip}: {errno}")]
     NoHostVeth {
@@ -170,6 +166,7 @@ impl Agent {
                 None => info!(underlay = %overlay.underlay, "from_netdev swapped into its link"),
             }
         }
+        unpin_severed_links(&pins);
         let known: HashSet<Ipv4Addr> = ipam.records().map(|e| e.ip).collect();
         for (ip, _) in datapath.endpoints.list()? {
             if !known.contains(&ip) {
@@ -318,13 +315,12 @@ impl Agent {
             }
             Some(_) => {}
         }
+        // With TCX links and with netlink filters (kernels before 6.6) alike.
         for hook in Hook::pod(&veth.host_ifname) {
-            let pin = hook.pin(&self.pins);
-            if tcx_supported() && !pin.exists() {
+            if !attached(hook, &self.pins)? {
                 return Err(LifecycleError::NotAttached {
                     program: hook.program,
                     veth: veth.host_ifname.clone(),
-                    pin,
                 });
             }
         }
@@ -356,6 +352,7 @@ impl Agent {
                 }
             }
         }
+        unpin_severed_links(&self.pins);
         if failed.is_empty() {
             Ok(removed)
         } else {
@@ -397,6 +394,18 @@ impl Agent {
             Datapath::detach_pinned(&hook.pin(&self.pins))?;
         }
         Ok(())
+    }
+}
+
+/// Unpins the links whose device is gone (a pod's veth deleted while the agent was down, or by
+/// GC), which nothing else would free; a failure is only logged, as it costs a pin, not a pod.
+fn unpin_severed_links(pins: &Pins) {
+    match remove_severed_links(pins) {
+        Ok(removed) if !removed.is_empty() => {
+            info!(count = removed.len(), "unpinned links whose device is gone")
+        }
+        Ok(_) => {}
+        Err(e) => warn!("unpinning links whose device is gone: {}", error_chain(&e)),
     }
 }
 

@@ -1,7 +1,7 @@
 //! A pod endpoint's lifecycle when the runtime or the node misbehaves: ADD repeated for a running
 //! pod, GC without the runtime's list, GC that meets errors, and the
 //! agent's Register told to wire something that is not the attachment's veth or unable to record
-//! what it wired.
+//! what it wired, and CHECK where tc programs are netlink filters (kernels before 6.6).
 
 use std::{
     net::Ipv4Addr,
@@ -15,10 +15,11 @@ use podwire_core::{
     mac::Mac,
 };
 use podwire_lab::{
+    artifacts::bin,
     cni::{pod_ip, Pod},
     namespaces::NetNs,
     nodes::{Node, Underlay},
-    processes::run,
+    processes::{run, Daemon},
     traffic::{ping, tcp_echo},
 };
 use serde_json::Value;
@@ -378,5 +379,50 @@ fn register_that_cannot_record_the_wiring_leaves_no_link_or_map_entry() -> Resul
     assert!(del.success, "DEL: {del:?}");
     assert_eq!(held_ip(&node, "c-unrecorded")?, None);
     assert!(node.host_veths()?.is_empty());
+    Ok(())
+}
+
+/// Kernels before 6.6 attach tc programs as netlink filters, with no link to pin: CHECK must
+/// still find a program that is not there. `PODWIRE_TC_ATTACH=netlink` makes this kernel's agent
+/// attach that way.
+#[test]
+fn check_finds_a_missing_filter_where_tc_programs_are_netlink_filters() -> Result<()> {
+    let mut node = node()?;
+    node.stop_agent()?;
+    let mut cmd = node.command(bin("podwire-agent")?);
+    cmd.args(["--pod-cidr", POD_CIDR])
+        .arg("--state-dir")
+        .arg(node.state_dir.path())
+        .arg("--socket")
+        .arg(node.socket())
+        .arg("--bpffs")
+        .arg(node.pins.path())
+        .env("PODWIRE_LOG", "info")
+        .env("PODWIRE_TC_ATTACH", "netlink");
+    let mut agent = Daemon::spawn(cmd, None)?;
+    agent.wait_for_line("serving CNI requests")?;
+
+    let pod = node.add_pod("c-netlink-check")?;
+    let veth = pod.host_veth()?.to_owned();
+    assert!(pinned_links(&node)?.is_empty(), "netlink filters, no links");
+    let mut conf = node.conf();
+    conf["prevResult"] = pod.result.clone();
+    let netns = pod.ns.path().display().to_string();
+    let env = env("c-netlink-check", &netns);
+    let ok = node.cni("CHECK", &env, conf.to_string().as_bytes())?;
+    assert!(ok.success, "CHECK of a wired pod: {ok:?}");
+
+    // from_pod's filter goes (what a restart that detached and failed to attach again leaves).
+    run(node
+        .command("tc")
+        .args(["filter", "del", "dev", &veth, "ingress"]))?;
+    let msg = node
+        .cni("CHECK", &env, conf.to_string().as_bytes())?
+        .expect_error(100)?;
+    assert!(
+        msg.contains("from_pod") && msg.contains(&veth),
+        "names the program and the veth: {msg}"
+    );
+    drop(agent);
     Ok(())
 }
