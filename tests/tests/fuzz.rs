@@ -576,8 +576,54 @@ impl Parser {
             "a valid packet dropped as {}",
             reason.name()
         );
+        if matches!(reason, Reason::RedirectLocal | Reason::RedirectFromOverlay) {
+            routed_into_pod(frame, &out)?;
+        }
         Ok(Some(reason))
     }
+}
+
+/// Checks that `out` is `frame` routed into the local pod it is addressed to: that pod's MACs,
+/// TTL one less, the header checksum still right if it was, the rest untouched.
+fn routed_into_pod(frame: &[u8], out: &[u8]) -> Result<()> {
+    let ihl = usize::from(frame[ETH_LEN] & 0x0f) * 4;
+    let header = ETH_LEN..ETH_LEN + ihl;
+    let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    let pod = [(POD_A, POD_A_EP), (POD_B, POD_B_EP)]
+        .into_iter()
+        .find(|(ip, _)| *ip == dst)
+        .map(|(_, ep)| ep)
+        .with_context(|| format!("redirected into a pod, but {dst} is none"))?;
+    ensure!(
+        out[..6] == pod.pod_mac && out[6..12] == pod.host_mac,
+        "delivered to {dst} with MACs {:02x?}",
+        &out[..12]
+    );
+    ensure!(
+        out[ETH_LEN + 8] == frame[ETH_LEN + 8].wrapping_sub(1),
+        "TTL {} became {}",
+        frame[ETH_LEN + 8],
+        out[ETH_LEN + 8]
+    );
+    if frame.len() >= header.end && checksum(&frame[header.clone()]) == 0 {
+        ensure!(
+            checksum(&out[header.clone()]) == 0,
+            "the IPv4 header checksum is wrong after the TTL change"
+        );
+    }
+    let unchanged = |range: std::ops::Range<usize>| {
+        let range = range.start.min(frame.len())..range.end.min(frame.len());
+        frame[range.clone()] == out[range]
+    };
+    ensure!(
+        unchanged(12..ETH_LEN + 8) && unchanged(ETH_LEN + 9..ETH_LEN + 10),
+        "the header changed beyond TTL and checksum"
+    );
+    ensure!(
+        unchanged(ETH_LEN + 12..frame.len()),
+        "addresses, options or payload changed"
+    );
+    Ok(())
 }
 
 /// Random, mutated and valid frames of every length from 0 to 1600 bytes through each program.
