@@ -169,6 +169,9 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     if args.cleanup {
+        // Not under a running agent: it would go on serving pods on a node without podwire.
+        let _state_lock = podwire_agent::store::StateLock::acquire(&args.state_dir)
+            .context("--cleanup needs the agent of this node stopped first")?;
         cleanup_of(&args)
             .run()
             .await
@@ -180,6 +183,12 @@ async fn main() -> Result<()> {
 
     let follows_cluster = args.cluster_file.is_some() || args.kubernetes;
     let serving = args.pod_cidr.is_some() || follows_cluster;
+    // Before anything on the node is touched (HTTP port, overlay, datapath): a second agent for
+    // the same node exits here, naming the one that holds the state directory.
+    let state_lock = serving
+        .then(|| podwire_agent::store::StateLock::acquire(&args.state_dir))
+        .transpose()
+        .context("locking --state-dir")?;
     let pins = serving.then(|| Pins::new(&args.bpffs));
     let health = Arc::new(Health::new(follows_cluster, serving));
     let metrics = Arc::new(Metrics::new(pins.clone(), health.clone()));
@@ -271,7 +280,8 @@ async fn main() -> Result<()> {
         return Ok(());
     };
 
-    let ipam = Ipam::open(&args.state_dir, pod_cidr)?;
+    let state_lock = state_lock.expect("taken whenever the agent serves a pod CIDR");
+    let ipam = Ipam::open_locked(state_lock, &args.state_dir, pod_cidr)?;
     let pod_mtu = overlay::pod_mtu(args.mtu, overlay);
     let (cluster, overlay) = match joined {
         Some(j) => (Some(j.cluster), Some(j.overlay)),
