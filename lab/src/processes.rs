@@ -108,7 +108,13 @@ impl Daemon {
 
     /// Waits until a stderr line contains `needle`, returning it.
     pub fn wait_for_line(&mut self, needle: &str) -> Result<String> {
-        let deadline = Instant::now() + LINE_TIMEOUT;
+        self.wait_for_line_within(needle, LINE_TIMEOUT)
+    }
+
+    /// [`Daemon::wait_for_line`] with a bound of its own: for a slow machine such as an emulated
+    /// VM.
+    pub fn wait_for_line_within(&mut self, needle: &str, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
