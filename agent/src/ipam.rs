@@ -117,6 +117,7 @@ impl Ipam {
         &mut self,
         attachment: &Attachment,
         netns: &str,
+        network: Option<&str>,
     ) -> Result<Ipv4Addr, IpamError> {
         if let Some(existing) = self.get(attachment) {
             return Ok(existing.ip);
@@ -132,6 +133,7 @@ impl Ipam {
                 ifname: attachment.ifname.clone(),
                 ip,
                 netns: netns.to_owned(),
+                network: network.map(str::to_owned),
                 veth: None,
             },
         );
@@ -205,41 +207,41 @@ mod tests {
         let cidr: Ipv4Net = "10.244.1.0/29".parse().unwrap();
         let mut ipam = Ipam::open(dir.path(), cidr).unwrap();
         assert_eq!(
-            ipam.allocate(&att("a"), "/ns/a").unwrap(),
+            ipam.allocate(&att("a"), "/ns/a", None).unwrap(),
             Ipv4Addr::new(10, 244, 1, 2)
         );
         assert_eq!(
-            ipam.allocate(&att("b"), "/ns/b").unwrap(),
+            ipam.allocate(&att("b"), "/ns/b", None).unwrap(),
             Ipv4Addr::new(10, 244, 1, 3)
         );
         // Asking again for the same attachment returns its address, not a new one.
         assert_eq!(
-            ipam.allocate(&att("a"), "/ns/a").unwrap(),
+            ipam.allocate(&att("a"), "/ns/a", None).unwrap(),
             Ipv4Addr::new(10, 244, 1, 2)
         );
         drop(ipam);
 
         let mut ipam = Ipam::open(dir.path(), cidr).unwrap();
         assert_eq!(
-            ipam.allocate(&att("c"), "/ns/c").unwrap(),
+            ipam.allocate(&att("c"), "/ns/c", None).unwrap(),
             Ipv4Addr::new(10, 244, 1, 4)
         );
         // A released address is reused only after the rest of the range.
         ipam.release(&att("a")).unwrap();
         assert_eq!(
-            ipam.allocate(&att("d"), "/ns/d").unwrap(),
+            ipam.allocate(&att("d"), "/ns/d", None).unwrap(),
             Ipv4Addr::new(10, 244, 1, 5)
         );
         assert_eq!(
-            ipam.allocate(&att("e"), "/ns/e").unwrap(),
+            ipam.allocate(&att("e"), "/ns/e", None).unwrap(),
             Ipv4Addr::new(10, 244, 1, 6)
         );
         assert_eq!(
-            ipam.allocate(&att("f"), "/ns/f").unwrap(),
+            ipam.allocate(&att("f"), "/ns/f", None).unwrap(),
             Ipv4Addr::new(10, 244, 1, 2)
         );
         assert!(matches!(
-            ipam.allocate(&att("g"), "/ns/g"),
+            ipam.allocate(&att("g"), "/ns/g", None),
             Err(IpamError::Exhausted(_))
         ));
     }
@@ -248,7 +250,7 @@ mod tests {
     fn refuses_a_changed_cidr_while_addresses_are_held() {
         let dir = tempfile::tempdir().unwrap();
         let mut ipam = Ipam::open(dir.path(), "10.244.1.0/24".parse().unwrap()).unwrap();
-        ipam.allocate(&att("a"), "/ns/a").unwrap();
+        ipam.allocate(&att("a"), "/ns/a", None).unwrap();
         drop(ipam);
         let err = Ipam::open(dir.path(), "10.244.2.0/24".parse().unwrap()).unwrap_err();
         assert!(err.to_string().contains("10.244.1.0/24"), "{err}");
@@ -277,12 +279,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
         let mut ipam = Ipam::open(dir.path(), cidr).unwrap();
-        let a = ipam.allocate(&att("a"), "/ns/a").unwrap();
+        let a = ipam.allocate(&att("a"), "/ns/a", None).unwrap();
         // The temporary file's name taken by a directory: every save fails before writing.
         let blocker = dir.path().join("state.json.tmp");
         std::fs::create_dir(&blocker).unwrap();
 
-        let err = ipam.allocate(&att("b"), "/ns/b").unwrap_err();
+        let err = ipam.allocate(&att("b"), "/ns/b", None).unwrap_err();
         assert!(
             matches!(err, IpamError::Store(StoreError::Write { .. })),
             "{err:?}"
@@ -297,7 +299,7 @@ mod tests {
 
         std::fs::remove_dir(&blocker).unwrap();
         // The address b did not get is the next one still.
-        let b = ipam.allocate(&att("b"), "/ns/b").unwrap();
+        let b = ipam.allocate(&att("b"), "/ns/b", None).unwrap();
         assert_eq!(b, Ipv4Addr::new(10, 244, 1, 3));
         drop(ipam);
         let ipam = Ipam::open(dir.path(), cidr).unwrap();

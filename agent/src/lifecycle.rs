@@ -212,9 +212,10 @@ impl Agent {
         &mut self,
         attachment: &Attachment,
         netns: &str,
+        network: Option<&str>,
     ) -> Result<Allocation, LifecycleError> {
         let held = self.ipam.get(attachment).cloned();
-        let ip = self.ipam.allocate(attachment, netns)?;
+        let ip = self.ipam.allocate(attachment, netns, network)?;
         match &held {
             None => info!(container = %attachment.container_id, %ip, "address allocated"),
             Some(_) => info!(container = %attachment.container_id, %ip, "address already held"),
@@ -330,11 +331,18 @@ impl Agent {
     /// Removes every attachment not in `valid`, with its host-side veth; returns those removed.
     /// It goes on past an attachment it cannot remove, and then fails naming each of those
     /// (kept, for the next GC).
-    pub async fn gc(&mut self, valid: Vec<Attachment>) -> Result<Vec<Attachment>, LifecycleError> {
+    pub async fn gc(
+        &mut self,
+        valid: Vec<Attachment>,
+        network: Option<&str>,
+    ) -> Result<Vec<Attachment>, LifecycleError> {
         let valid: HashSet<Attachment> = valid.into_iter().collect();
         let stale: Vec<Attachment> = self
             .ipam
             .records()
+            // The runtime's list names only this network's attachments: another network's (or,
+            // for a named network, one recorded before networks were) are not its to collect.
+            .filter(|r| r.network.as_deref() == network)
             .map(EndpointRecord::attachment)
             .filter(|a| !valid.contains(a))
             .collect();

@@ -226,8 +226,12 @@ async fn handle(agent: &mut Agent, request: Request) -> Result<Reply, ApiError> 
             node: agent.node().to_owned(),
             pod_cidr: agent.pod_cidr(),
         },
-        Request::Allocate { attachment, netns } => {
-            let allocation = agent.allocate(&attachment, &netns)?;
+        Request::Allocate {
+            attachment,
+            netns,
+            network,
+        } => {
+            let allocation = agent.allocate(&attachment, &netns, network.as_deref())?;
             Reply::Allocated {
                 ip: allocation.ip,
                 pod_cidr: agent.pod_cidr(),
@@ -256,8 +260,8 @@ async fn handle(agent: &mut Agent, request: Request) -> Result<Reply, ApiError> 
         Request::Check { attachment } => Reply::Checked {
             endpoint: agent.check(&attachment)?,
         },
-        Request::Gc { valid } => Reply::Collected {
-            removed: agent.gc(valid).await?,
+        Request::Gc { valid, network } => Reply::Collected {
+            removed: agent.gc(valid, network.as_deref()).await?,
         },
     })
 }

@@ -18,8 +18,8 @@ pub struct NetConf {
     /// Filled in by `parse_for` when a DEL's configuration has none.
     #[serde(default)]
     pub cni_version: String,
-    /// Required by the spec: serde rejects a configuration without it.
-    #[expect(dead_code, reason = "only its presence is checked")]
+    /// The network's name (required by the spec: serde rejects a configuration without it);
+    /// endpoints are recorded under it, and GC collects only its own.
     pub name: String,
     /// Required by the spec: serde rejects a configuration without it.
     #[serde(rename = "type")]

@@ -102,6 +102,7 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
         &Request::Allocate {
             attachment: attachment.clone(),
             netns: netns.clone(),
+            network: Some(conf.name.clone()),
         },
     )? {
         Reply::Allocated {
@@ -273,7 +274,13 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     }
     let valid = conf.valid_attachments()?;
     fault::point("cni.gc.before-call").map_err(injected)?;
-    match call(conf, &Request::Gc { valid })? {
+    match call(
+        conf,
+        &Request::Gc {
+            valid,
+            network: Some(conf.name.clone()),
+        },
+    )? {
         Reply::Collected { .. } => Ok(()),
         other => Err(unexpected(other)),
     }

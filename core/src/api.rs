@@ -40,6 +40,10 @@ pub enum Request {
     Allocate {
         attachment: Attachment,
         netns: String,
+        /// The network configuration's `name`, recorded with the endpoint so that a GC of
+        /// another network using podwire leaves it alone. Absent from older plugins.
+        #[serde(default)]
+        network: Option<String>,
     },
     /// The plugin has wired the veth: write the endpoint map and attach the datapath.
     Register {
@@ -52,8 +56,14 @@ pub enum Request {
     Release { attachment: Attachment },
     /// The agent's view of an attachment, after checking its map entry and attachment.
     Check { attachment: Attachment },
-    /// Remove every attachment not in `valid`, with its host-side veth.
-    Gc { valid: Vec<Attachment> },
+    /// Remove every attachment of `network` not in `valid`, with its host-side veth.
+    Gc {
+        valid: Vec<Attachment>,
+        /// The network being collected (see `Allocate`); absent from older plugins, whose GC
+        /// then only considers endpoints recorded without a network.
+        #[serde(default)]
+        network: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -39,6 +39,10 @@ pub struct EndpointRecord {
     pub ifname: String,
     pub ip: Ipv4Addr,
     pub netns: String,
+    /// The CNI network (configuration `name`) it was added for; absent in records of agents
+    /// before it was recorded. GC of one network never collects another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// Set when the plugin registers the veth pair. Named "wiring" in state files and on the
     /// API socket since the first release, which both still read.
     #[serde(rename = "wiring", default, skip_serializing_if = "Option::is_none")]

@@ -174,6 +174,7 @@ fn cni_spec_check_of_an_endpoint_without_wiring_is_a_cni_error_not_a_panic() -> 
                 ifname: "eth0".into(),
             },
             netns: netns.clone(),
+            network: None,
         },
     )?;
     let Reply::Allocated { ip, .. } = allocated else {

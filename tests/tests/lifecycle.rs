@@ -1,5 +1,5 @@
 //! A pod endpoint's lifecycle when the runtime or the node misbehaves: ADD repeated for a running
-//! pod, GC without the runtime's list, GC that meets errors, and the
+//! pod, GC without the runtime's list, GC of another network, GC that meets errors, and the
 //! agent's Register told to wire something that is not the attachment's veth or unable to record
 //! what it wired, and CHECK where tc programs are netlink filters (kernels before 6.6).
 
@@ -182,6 +182,44 @@ fn gc_without_the_runtimes_list_of_valid_attachments_is_refused_and_removes_noth
     Ok(())
 }
 
+#[test]
+fn gc_of_another_network_using_podwire_leaves_this_networks_pods() -> Result<()> {
+    let node = node()?;
+    let pods = (0..2)
+        .map(|i| node.add_pod(&format!("c-net-{i}")))
+        .collect::<Result<Vec<Pod>>>()?;
+    let name = node.conf()["name"].clone();
+    assert_eq!(
+        node.state()?["endpoints"]["c-net-0/eth0"]["network"],
+        name,
+        "the endpoint is recorded under its network's name"
+    );
+    let before = Held::of(&node)?;
+
+    // A second conflist using podwire, whose runtime knows none of its own attachments.
+    let mut other = node.conf();
+    other["name"] = "podwire-other".into();
+    other["cni.dev/valid-attachments"] = serde_json::json!([]);
+    let gc = node.cni("GC", &[], other.to_string().as_bytes())?;
+    assert!(gc.success, "GC of the other network: {gc:?}");
+    assert_eq!(
+        Held::of(&node)?,
+        before,
+        "another network's GC removed nothing"
+    );
+    assert!(ping(&pods[0].ns, pods[1].ip)?);
+
+    // This network's own GC still collects what its runtime no longer lists.
+    let mut own = node.conf();
+    own["cni.dev/valid-attachments"] =
+        serde_json::json!([{ "containerID": "c-net-0", "ifname": "eth0" }]);
+    let gc = node.cni("GC", &[], own.to_string().as_bytes())?;
+    assert!(gc.success, "GC of this network: {gc:?}");
+    assert_eq!(held_ip(&node, "c-net-0")?, Some(pods[0].ip));
+    assert_eq!(held_ip(&node, "c-net-1")?, None);
+    Ok(())
+}
+
 /// A directory at a pinned link's path, which the agent cannot unpin: a real error for GC to
 /// meet. Removed on drop.
 struct Blocker(PathBuf);
@@ -285,6 +323,7 @@ fn allocate(node: &Node, container_id: &str, netns: &NetNs) -> Result<Ipv4Addr> 
         &Request::Allocate {
             attachment: attachment(container_id),
             netns: netns.path().display().to_string(),
+            network: None,
         },
     )? {
         Reply::Allocated { ip, .. } => Ok(ip),

@@ -211,6 +211,7 @@ fn held(
     let request = Request::Allocate {
         attachment: attachment(container_id),
         netns: netns.path().display().to_string(),
+        network: None,
     };
     Ok(match api::call(&node.socket(), &request) {
         Ok(Reply::Allocated { ip, fresh, .. }) => Ok((ip, fresh)),
