@@ -110,10 +110,16 @@ impl NetConf {
         Ok(conf)
     }
 
-    /// The configuration in `stdin` (valid JSON) without its `prevResult`.
+    /// The configuration in `stdin` without its `prevResult`. The first parse read only
+    /// cniVersion and skipped the rest unchecked (invalid UTF-8 in a skipped string passes it),
+    /// so this one can still find it undecodable.
     fn without_prev_result(stdin: &[u8]) -> Result<NetConf, CniError> {
-        let mut value: serde_json::Value =
-            serde_json::from_slice(stdin).expect("checked to be JSON");
+        let mut value: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(
+                code::DECODE_FAILURE,
+                format!("network configuration is not valid JSON: {e}"),
+            )
+        })?;
         if let Some(fields) = value.as_object_mut() {
             fields.remove("prevResult");
         }
@@ -210,6 +216,22 @@ mod tests {
             conf[k] = v.clone();
         }
         conf.to_string().into_bytes()
+    }
+
+    /// Found by tests/fuzz.rs: invalid UTF-8 in a field the version probe skips made the
+    /// plugin panic (exit 101, no JSON) instead of answering with a decoding error.
+    #[test]
+    fn invalid_utf8_past_the_version_is_a_decoding_error() {
+        let stdin = b"{\"cniVersion\":\"1.1.0\",\"name\":\"\x80podwire\",\"type\":\"podwire-cni\"}";
+        let err = NetConf::parse_for("DEL", stdin).unwrap_err();
+        assert_eq!(err.code, code::DECODE_FAILURE, "{}", err.msg);
+        assert!(
+            err.msg.contains("invalid unicode code point"),
+            "{}",
+            err.msg
+        );
+        let err = NetConf::parse_for("ADD", stdin).unwrap_err();
+        assert_eq!(err.code, code::INVALID_CONFIG, "{}", err.msg);
     }
 
     #[test]
