@@ -188,7 +188,14 @@ pub fn udp_listener(ns: &NetNs, ip: Ipv4Addr) -> Result<UdpSocket> {
 /// The next datagram `socket` receives and its source, or `None` when none comes.
 pub fn receive(socket: &UdpSocket) -> Result<Option<(Vec<u8>, std::net::SocketAddr)>> {
     let mut buf = [0u8; 2048];
-    match socket.recv_from(&mut buf) {
+    // A signal (a stop and continue of the test process counts) interrupts the wait: wait again.
+    let received = loop {
+        match socket.recv_from(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            received => break received,
+        }
+    };
+    match received {
         Ok((n, from)) => Ok(Some((buf[..n].to_vec(), from))),
         Err(e)
             if matches!(
