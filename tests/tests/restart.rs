@@ -223,3 +223,63 @@ fn agents_killed_under_load_lose_no_connection_and_restart_on_the_pinned_state()
     ensure!(failures.is_empty(), "{failures:#?}");
     Ok(())
 }
+
+/// While the agent is down the endpoint map drifts from its state (an entry lost, one it never
+/// made appears): the restarted agent removes the stale one and writes the missing one, in the
+/// same map, without taking away the entries that were right, so pods whose entries were right
+/// keep talking throughout.
+#[test]
+fn a_restarted_agent_reconciles_the_endpoint_map_with_its_state_by_difference() -> Result<()> {
+    use podwire_datapath::{DatapathMap as _, Endpoints};
+    let mut node = podwire_lab::nodes::Node::start(
+        std::net::Ipv4Addr::new(192, 168, 77, 10),
+        "10.244.0.0/24",
+    )?;
+    let pods = (0..3)
+        .map(|n| node.add_pod(&format!("c-reconcile-{n}")))
+        .collect::<Result<Vec<Pod>>>()?;
+    let sorted = |mut entries: Vec<_>| {
+        entries.sort_by_key(|(ip, _): &(std::net::Ipv4Addr, _)| *ip);
+        entries
+    };
+    let want = sorted(node.endpoints()?);
+    let ids = node.pinned_ids()?;
+    // Pods 1 and 2 keep their entries throughout: their pings must not lose one.
+    let pinger = Pinger::start(
+        "pod 1 -> pod 2",
+        &load::netns(&pods[1].ns)?,
+        pods[2].ip,
+        PING_INTERVAL,
+    )?;
+
+    node.kill_agent()?;
+    let mut endpoints = Endpoints::open(&node.pins())?;
+    endpoints.remove(pods[0].ip)?;
+    let stale = std::net::Ipv4Addr::new(10, 244, 0, 200);
+    let (_, template) = want[0];
+    endpoints.set(stale, template)?;
+    thread::sleep(DOWN);
+    node.start_agent()?;
+
+    // The agent serves only once it has reconciled.
+    let got = sorted(node.endpoints()?);
+    ensure!(got == want, "endpoint map {got:?}, want {want:?}");
+    let after = node.pinned_ids()?;
+    ensure!(
+        after.maps == ids.maps,
+        "the agent re-created a pinned map: {:?} -> {:?}",
+        ids.maps,
+        after.maps
+    );
+    ensure!(
+        ping(&pods[2].ns, pods[0].ip)?,
+        "the restored pod is reachable"
+    );
+    let report = pinger.finish()?;
+    println!("{report:?}");
+    ensure!(
+        report.lost() == 0,
+        "pods whose entries were right lost pings: {report:?}"
+    );
+    Ok(())
+}
