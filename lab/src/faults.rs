@@ -220,21 +220,13 @@ pub struct ArmedAgent {
 }
 
 impl ArmedAgent {
-    /// Stops `node`'s agent and starts one with `fault` armed, with the node's state directory,
-    /// socket and pins and `--pod-cidr pod_cidr` (a node of [`Node::start`]).
-    pub fn start(node: &mut Node, pod_cidr: &str, fault: Fault) -> Result<ArmedAgent> {
+    /// Stops `node`'s agent and starts it again as the node runs it ([`Node::agent_command`]),
+    /// with `fault` armed.
+    pub fn start(node: &mut Node, fault: Fault) -> Result<ArmedAgent> {
         node.stop_agent()?;
         let (key, value) = fault.env();
-        let mut cmd = node.command(bin("podwire-agent")?);
-        cmd.args(["--pod-cidr", pod_cidr])
-            .arg("--state-dir")
-            .arg(node.state_dir.path())
-            .arg("--socket")
-            .arg(node.socket())
-            .arg("--bpffs")
-            .arg(node.pins.path())
-            .env("PODWIRE_LOG", "info")
-            .env(key, value);
+        let mut cmd = node.agent_command()?;
+        cmd.env(key, value);
         let mut daemon = Daemon::spawn(cmd, None)?;
         daemon
             .wait_for_line("serving CNI requests")

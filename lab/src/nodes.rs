@@ -116,8 +116,9 @@ impl Node {
         self.ns.command(program)
     }
 
-    /// Starts the agent and waits until it serves CNI requests.
-    pub fn start_agent(&mut self) -> Result<()> {
+    /// The node's agent as [`Node::start_agent`] runs it (its pod CIDR or cluster, state
+    /// directory, socket and pins), for a test to add an environment or a flag to.
+    pub fn agent_command(&self) -> Result<Command> {
         let mut cmd = self.command(bin("podwire-agent")?);
         cmd.args(&self.agent_args)
             .arg("--state-dir")
@@ -127,6 +128,12 @@ impl Node {
             .arg("--bpffs")
             .arg(self.pins.path())
             .env("PODWIRE_LOG", "info");
+        Ok(cmd)
+    }
+
+    /// Starts the agent and waits until it serves CNI requests.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let cmd = self.agent_command()?;
         let mut agent = Daemon::spawn(cmd, self.echo.clone())?;
         agent
             .wait_for_line("serving CNI requests")

@@ -63,19 +63,8 @@ impl OwnAgent {
 
     /// Starts the agent and waits until it serves CNI requests.
     fn start(c: &Cluster, i: usize, env: &[(&str, String)]) -> Result<OwnAgent> {
-        let node = &c.nodes[i];
-        let mut cmd = node.command(bin("podwire-agent")?);
-        cmd.arg("--cluster-file")
-            .arg(c.file())
-            .args(["--node-name", &Cluster::node_name(i)])
-            .arg("--state-dir")
-            .arg(node.state_dir.path())
-            .arg("--socket")
-            .arg(node.socket())
-            .arg("--bpffs")
-            .arg(node.pins.path())
-            .env("PODWIRE_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (k, v)));
+        let mut cmd = c.nodes[i].agent_command()?;
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let mut daemon = Daemon::spawn(cmd, None)?;
         daemon
             .wait_for_line("serving CNI requests")

@@ -130,7 +130,7 @@ impl Bed {
         netns: Option<&NetNs>,
     ) -> Result<Exec> {
         let exec = if fault.in_agent() {
-            let armed = ArmedAgent::start(&mut self.node, POD_CIDR, fault)?;
+            let armed = ArmedAgent::start(&mut self.node, fault)?;
             let exec = self.exec(command, container, netns, None);
             armed.disarm(&mut self.node)?;
             exec?

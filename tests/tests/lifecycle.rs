@@ -15,7 +15,6 @@ use podwire_core::{
     mac::Mac,
 };
 use podwire_lab::{
-    artifacts::bin,
     cni::{pod_ip, Pod},
     namespaces::NetNs,
     nodes::{Node, Underlay},
@@ -428,16 +427,8 @@ fn register_that_cannot_record_the_wiring_leaves_no_link_or_map_entry() -> Resul
 fn check_finds_a_missing_filter_where_tc_programs_are_netlink_filters() -> Result<()> {
     let mut node = node()?;
     node.stop_agent()?;
-    let mut cmd = node.command(bin("podwire-agent")?);
-    cmd.args(["--pod-cidr", POD_CIDR])
-        .arg("--state-dir")
-        .arg(node.state_dir.path())
-        .arg("--socket")
-        .arg(node.socket())
-        .arg("--bpffs")
-        .arg(node.pins.path())
-        .env("PODWIRE_LOG", "info")
-        .env("PODWIRE_TC_ATTACH", "netlink");
+    let mut cmd = node.agent_command()?;
+    cmd.env("PODWIRE_TC_ATTACH", "netlink");
     let mut agent = Daemon::spawn(cmd, None)?;
     agent.wait_for_line("serving CNI requests")?;
 

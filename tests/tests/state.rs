@@ -360,7 +360,7 @@ fn store_fault(fault: Fault) -> Result<()> {
 
     // ADD under the fault, then the runtime's DEL.
     let before = Census::of(&node)?;
-    let armed = ArmedAgent::start(&mut node, POD_CIDR, fault)?;
+    let armed = ArmedAgent::start(&mut node, fault)?;
     let ns = NetNs::new("pod")?;
     let add = node.cni_pod("ADD", "c-fault-b", Some(&ns))?;
     ensure!(!add.success, "ADD succeeded despite {fault}: {add:?}");
@@ -379,7 +379,7 @@ fn store_fault(fault: Fault) -> Result<()> {
     );
 
     // DEL under the fault, then the runtime's retry.
-    let armed = ArmedAgent::start(&mut node, POD_CIDR, fault)?;
+    let armed = ArmedAgent::start(&mut node, fault)?;
     let del = node.cni_pod("DEL", &a.container_id, Some(&a.ns))?;
     ensure!(!del.success, "DEL succeeded despite {fault}: {del:?}");
     armed.disarm(&mut node)?;
