@@ -152,16 +152,9 @@ fn file_names(dir: &Path) -> Result<BTreeSet<String>> {
 
 /// Interfaces in `ns` other than loopback: what a pod's namespace still holds.
 pub fn interfaces(ns: &NetNs) -> Result<Vec<String>> {
-    let out = ns.ip(&["-j", "link", "show"])?;
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(json
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l["ifname"].as_str())
-        .filter(|n| *n != "lo")
-        .map(str::to_owned)
-        .collect())
+    let mut names = ns.link_names(&[])?;
+    names.retain(|n| n != "lo");
+    Ok(names)
 }
 
 /// One exec of the plugin with its exit status, which [`CniOutput`] does not keep: a plugin

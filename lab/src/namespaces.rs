@@ -130,6 +130,20 @@ impl NetNs {
         enter(&ns, f).with_context(|| format!("entering {}", path.display()))
     }
 
+    /// Names of the interfaces `ip link show <selector>` lists in this namespace (every one
+    /// with an empty selector).
+    pub fn link_names(&self, selector: &[&str]) -> Result<Vec<String>> {
+        let out = self.ip(&[&["-j", "link", "show"], selector].concat())?;
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(json
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str())
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// ifindex and MAC of the interface `name` in this namespace.
     pub fn link(&self, name: &str) -> Result<(u32, [u8; 6])> {
         let out = self.ip(&["-j", "link", "show", "dev", name])?;

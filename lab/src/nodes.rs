@@ -192,16 +192,9 @@ impl Node {
 
     /// Names of the host-side veths the plugin made in this node.
     pub fn host_veths(&self) -> Result<Vec<String>> {
-        let out = self.ns.ip(&["-j", "link", "show", "type", "veth"])?;
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        Ok(json
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l["ifname"].as_str())
-            .filter(|n| n.starts_with("pw"))
-            .map(str::to_owned)
-            .collect())
+        let mut names = self.ns.link_names(&["type", "veth"])?;
+        names.retain(|n| n.starts_with("pw"));
+        Ok(names)
     }
 
     /// The agent's persisted state file.

@@ -42,7 +42,7 @@ use podwire_core::{
 };
 use podwire_datapath::{Datapath, DatapathMap as _, DropEvents, LoadOptions, Tunnel};
 use podwire_lab::{
-    artifacts,
+    artifacts, faults,
     namespaces::NetNs,
     nodes::{Node, PinRoot},
     packets::{checksum, ETH_LEN},
@@ -1216,14 +1216,7 @@ impl CniBench {
     /// endpoint map entry, no address in the agent's state, and the agent answering.
     fn holds_nothing(&self) -> Result<()> {
         for (ns, what) in [(&self.node.ns, "node"), (&self.pod, "pod")] {
-            let links: Value = serde_json::from_slice(&ns.ip(&["-j", "link", "show"])?.stdout)?;
-            let names: Vec<&str> = links
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|l| l["ifname"].as_str())
-                .filter(|n| *n != "lo")
-                .collect();
+            let names = faults::interfaces(ns)?;
             ensure!(
                 names.is_empty(),
                 "links left in the {what}: {}",
