@@ -118,34 +118,64 @@ pub fn tcp_transfer(
 /// CAP_NET_RAW can send.
 pub fn send_frame(ns: &NetNs, iface: &str, frame: &[u8]) -> Result<()> {
     ns.run(|| -> Result<()> {
+        RawSender::open(iface)?
+            .send(frame)
+            .context("sending the raw frame")
+    })?
+}
+
+/// An AF_PACKET socket sending raw frames out of one interface of the calling thread's network
+/// namespace: what a pod root with CAP_NET_RAW can do. Closed on drop.
+pub struct RawSender {
+    fd: std::os::fd::OwnedFd,
+    addr: libc::sockaddr_ll,
+}
+
+impl RawSender {
+    pub fn open(iface: &str) -> Result<RawSender> {
+        use std::os::fd::FromRawFd as _;
         let ifindex =
             nix::net::if_::if_nametoindex(iface).with_context(|| format!("no {iface}"))?;
-        // SAFETY: plain socket syscalls on a descriptor this function owns and closes.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            ensure!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = ifindex as i32;
-            addr.sll_halen = 6;
-            let sent = libc::sendto(
-                fd,
+        // SAFETY: socket(2) has no memory-safety preconditions.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        ensure!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is a descriptor socket(2) just returned, owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        Ok(RawSender { fd, addr })
+    }
+
+    /// Sends `frame` whole.
+    pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: frame and addr outlive the call, and their lengths are passed with them.
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
                 frame.as_ptr().cast(),
                 frame.len(),
                 0,
-                (&raw const addr).cast(),
+                (&raw const self.addr).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            ensure!(sent == frame.len() as isize, "sending the raw frame: {err}");
+            )
+        };
+        match sent {
+            n if n == frame.len() as isize => Ok(()),
+            n if n < 0 => Err(std::io::Error::last_os_error()),
+            n => Err(std::io::Error::other(format!(
+                "sent {n} of {} bytes",
+                frame.len()
+            ))),
         }
-        Ok(())
-    })?
+    }
 }
 
 /// Sends what an underlay host or a node can: from a socket bound to `from_ip` in `from`, a VXLAN

@@ -32,7 +32,7 @@ use podwire_lab::{
     packets::udp_v4_ports,
     processes::{run, Daemon},
     require_root,
-    traffic::ping,
+    traffic::{ping, RawSender},
 };
 
 /// Serialises this file's tests (see the module's documentation).
@@ -473,41 +473,16 @@ fn monitor_stop(monitor: &mut Daemon) -> Result<(std::process::ExitStatus, Vec<S
 
 /// Sends `frame` out of the pod's eth0 as fast as it can until `stop`, counting into `sent`.
 fn flood(frame: &[u8], stop: &AtomicBool, sent: &AtomicU64) -> Result<()> {
-    let ifindex = nix::net::if_::if_nametoindex("eth0").context("no eth0 in the pod")?;
-    // SAFETY: plain socket syscalls on a descriptor this function owns and closes.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        ensure!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        let mut result = Ok(());
-        while !stop.load(Ordering::Relaxed) {
-            let n = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            if n == frame.len() as isize {
+    let sender = RawSender::open("eth0").context("in the pod")?;
+    while !stop.load(Ordering::Relaxed) {
+        match sender.send(frame) {
+            Ok(()) => {
                 sent.fetch_add(1, Ordering::Relaxed);
-            } else {
-                let err = std::io::Error::last_os_error();
-                // A full queue: the veth is busy, try again.
-                if err.raw_os_error() != Some(libc::ENOBUFS) {
-                    result = Err(err).context("sending a spoofed frame");
-                    break;
-                }
             }
+            // A full queue: the veth is busy, try again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+            Err(e) => return Err(e).context("sending a spoofed frame"),
         }
-        libc::close(fd);
-        result
     }
+    Ok(())
 }
