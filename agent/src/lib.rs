@@ -26,7 +26,10 @@ use podwire_core::pins::Pins;
 use podwire_datapath::Datapath;
 use podwire_netlink::Netlink;
 
-use crate::{ipam::Ipam, overlay::Overlay};
+use crate::{
+    ipam::Ipam,
+    overlay::{Overlay, PodMtu},
+};
 
 /// The compiled kernel programs, built by `cargo xtask build` and embedded at compile time;
 /// empty in a build without them (see build.rs), which then fails to load the datapath.
@@ -42,7 +45,7 @@ pub struct Agent {
     pins: Pins,
     netlink: Netlink,
     /// MTU handed to pods whose plugin configuration sets none.
-    pod_mtu: u32,
+    pod_mtu: PodMtu,
     overlay: Option<Overlay>,
 }
 

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     ipam::{Ipam, IpamError},
-    overlay::{Overlay, VXLAN_DEV},
+    overlay::{Overlay, PodMtu, VXLAN_DEV},
     Agent,
 };
 
@@ -153,7 +153,7 @@ impl Agent {
         mut datapath: Datapath,
         ipam: Ipam,
         pins: Pins,
-        pod_mtu: u32,
+        pod_mtu: PodMtu,
         overlay: Option<Overlay>,
     ) -> Result<Agent, LifecycleError> {
         let netlink = Netlink::connect()?;
@@ -222,7 +222,7 @@ impl Agent {
         }
         Ok(Allocation {
             ip,
-            mtu: self.pod_mtu,
+            mtu: self.pod_mtu.cluster,
             fresh: held.is_none(),
             registered: held.and_then(|r| r.veth),
         })

@@ -318,7 +318,7 @@ async fn main() -> Result<()> {
         .with_context(|| format!("binding the API socket {}", args.socket.display()))?;
     tokio::spawn(server::serve(agent.clone(), listener, metrics.clone()));
     health.set_cni_serving();
-    info!(node = %args.node_name, %pod_cidr, pod_mtu, socket = %args.socket.display(), "serving CNI requests");
+    info!(node = %args.node_name, %pod_cidr, ?pod_mtu, socket = %args.socket.display(), "serving CNI requests");
     if let Some(client) = &kube {
         tokio::spawn(mark_network_available(
             client.clone(),

@@ -121,12 +121,34 @@ impl Overlay {
     }
 }
 
-/// The MTU pods get unless their plugin configuration sets one: `configured` (the agent's
-/// `--mtu`), else what the tunnel leaves of the underlay's, else 1500.
-pub fn pod_mtu(configured: Option<u32>, overlay: Option<&Overlay>) -> u32 {
-    configured
-        .or(overlay.map(Overlay::device_mtu))
-        .unwrap_or(DEFAULT_MTU)
+/// The MTUs pods get unless their plugin configuration sets one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodMtu {
+    /// The pod's interface, and its route to the other pods of its node: nothing between them is
+    /// encapsulated, so they get the underlay's full MTU (a tunnel's 50 bytes cost same-node
+    /// streams their full-size segments).
+    pub local: u32,
+    /// The pod's route to everywhere else, which may cross the tunnel.
+    pub cluster: u32,
+}
+
+/// `configured` (the agent's `--mtu`) for both, else the underlay's and what the tunnel leaves
+/// of it, else 1500.
+pub fn pod_mtu(configured: Option<u32>, overlay: Option<&Overlay>) -> PodMtu {
+    match (configured, overlay) {
+        (Some(mtu), _) => PodMtu {
+            local: mtu,
+            cluster: mtu,
+        },
+        (None, Some(overlay)) => PodMtu {
+            local: overlay.underlay_mtu,
+            cluster: overlay.device_mtu(),
+        },
+        (None, None) => PodMtu {
+            local: DEFAULT_MTU,
+            cluster: DEFAULT_MTU,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -149,11 +171,12 @@ mod tests {
     }
 
     #[test]
-    fn pod_mtu_is_the_configured_one_else_what_the_tunnel_leaves() {
-        assert_eq!(pod_mtu(None, Some(&overlay(1500))), 1450);
-        assert_eq!(pod_mtu(None, Some(&overlay(9000))), 8950);
-        assert_eq!(pod_mtu(Some(1400), Some(&overlay(1500))), 1400);
-        assert_eq!(pod_mtu(None, None), 1500);
-        assert_eq!(pod_mtu(Some(9000), None), 9000);
+    fn pod_mtu_is_the_configured_one_else_the_underlay_and_what_the_tunnel_leaves() {
+        let mtu = |local, cluster| PodMtu { local, cluster };
+        assert_eq!(pod_mtu(None, Some(&overlay(1500))), mtu(1500, 1450));
+        assert_eq!(pod_mtu(None, Some(&overlay(9000))), mtu(9000, 8950));
+        assert_eq!(pod_mtu(Some(1400), Some(&overlay(1500))), mtu(1400, 1400));
+        assert_eq!(pod_mtu(None, None), mtu(1500, 1500));
+        assert_eq!(pod_mtu(Some(9000), None), mtu(9000, 9000));
     }
 }
