@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod bench_control;
 mod build;
 mod cmd;
 mod cnitool;
@@ -66,6 +67,9 @@ enum Cmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Only the data plane (traffic) or only the control plane (CNI, agent, node table).
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
         /// More arguments for podwire's agents, e.g. `-- --underlay-xdp native`, to measure a
         /// configuration other than the defaults.
         #[arg(last = true)]
@@ -104,8 +108,9 @@ fn main() -> Result<()> {
         Cmd::Bench {
             reps,
             seconds,
+            only,
             agent_args,
-        } => bench::run(reps, seconds, agent_args),
+        } => bench::run(reps, seconds, only, agent_args),
         Cmd::Test { args } => test::run(&args),
         Cmd::VmVerify => vm_verify::run(&build::ebpf(&toolchain::ensure(Needs::Build)?)?),
         Cmd::Conformance { cni, focus } => conformance::run(cni, &focus),
