@@ -167,9 +167,14 @@ impl NetNs {
 
     /// Sets an IPv4 sysctl such as `ip_forward` in this namespace.
     pub fn sysctl_ipv4(&self, key: &str, value: &str) -> Result<()> {
+        self.sysctl(&format!("net.ipv4.{key}"), value)
+    }
+
+    /// Sets sysctl `key` (e.g. `net.bridge.bridge-nf-call-iptables`) in this namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         run(self
             .command("sysctl")
-            .args(["-qw", &format!("net.ipv4.{key}={value}")]))?;
+            .args(["-qw", &format!("{key}={value}")]))?;
         Ok(())
     }
 }
