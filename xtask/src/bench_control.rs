@@ -352,15 +352,16 @@ struct Floor {
 }
 
 impl Floor {
-    fn exec(&self, args: &[&str]) -> Result<Duration> {
-        let mut cmd = Command::new("ip");
+    /// Runs `program` with `args` in the floor's node, timed from exec to exit.
+    fn exec(&self, program: &str, args: &[&str]) -> Result<Duration> {
+        let mut cmd = Command::new(program);
         cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
         let started = Instant::now();
         let out = spawn_in(&self.node, cmd)?.wait_with_output()?;
         let took = started.elapsed();
         ensure!(
             out.status.success(),
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -369,22 +370,25 @@ impl Floor {
 
     fn add(&self, i: usize, pod: &NetNs) -> Result<Duration> {
         let name = format!("fl{i}");
-        self.exec(&[
-            "link",
-            "add",
-            &name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ])
+        self.exec(
+            "ip",
+            &[
+                "link",
+                "add",
+                &name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                pod.name(),
+            ],
+        )
     }
 
     fn del(&self, i: usize) -> Result<Duration> {
-        self.exec(&["link", "del", &format!("fl{i}")])
+        self.exec("ip", &["link", "del", &format!("fl{i}")])
     }
 }
 
@@ -418,6 +422,7 @@ fn sequential(lab: &Lab) -> Result<Vec<Comparison>> {
 
     let mut add: [Vec<Duration>; 3] = Default::default();
     let mut del: [Vec<Duration>; 3] = Default::default();
+    let mut version: [Vec<Duration>; 3] = Default::default();
     let mut pods = Vec::with_capacity(SEQUENTIAL_PODS);
     for i in 0..SEQUENTIAL_PODS {
         let trio = [NetNs::new("pod")?, NetNs::new("pod")?, NetNs::new("pod")?];
@@ -427,6 +432,15 @@ fn sequential(lab: &Lab) -> Result<Vec<Comparison>> {
                 0 => lab.podwire.exec("ADD", &id, &trio[0])?,
                 1 => lab.bridge.exec("ADD", &id, &trio[1])?,
                 _ => lab.floor.add(i, &trio[2])?,
+            });
+        }
+        // Each plugin answering VERSION: its process start and exit alone, no socket, no
+        // netlink; and the bare fork and exec of `true`.
+        for k in turns(i) {
+            version[k].push(match k {
+                0 => lab.podwire.exec("VERSION", &id, &trio[0])?,
+                1 => lab.bridge.exec("VERSION", &id, &trio[1])?,
+                _ => lab.floor.exec("true", &[])?,
             });
         }
         pods.push(trio);
@@ -452,9 +466,18 @@ fn sequential(lab: &Lab) -> Result<Vec<Comparison>> {
     ensure!(left.is_empty(), "podwire's DELs left host veths: {left:?}");
 
     let ms = |d: &[Duration]| -> Vec<f64> { sorted(d.iter().map(|d| d.as_secs_f64() * 1e3)) };
-    let (add, del) = (add.map(|d| ms(&d)), del.map(|d| ms(&d)));
-    for (what, samples) in [("ADD", &add), ("DEL", &del)] {
-        for (name, s) in ["podwire", BRIDGE, FLOOR].iter().zip(samples.iter()) {
+    let (add, del, version) = (
+        add.map(|d| ms(&d)),
+        del.map(|d| ms(&d)),
+        version.map(|d| ms(&d)),
+    );
+    for (what, samples) in [("ADD", &add), ("DEL", &del), ("VERSION", &version)] {
+        let third = if what == "VERSION" {
+            "fork and exec of true"
+        } else {
+            FLOOR
+        };
+        for (name, s) in ["podwire", BRIDGE, third].iter().zip(samples.iter()) {
             eprintln!(
                 "  {what} {name:22} p50 {:6.1} ms  p99 {:6.1} ms  min {:6.1}  max {:6.1}",
                 percentile(s, 0.5),
@@ -480,6 +503,14 @@ fn sequential(lab: &Lab) -> Result<Vec<Comparison>> {
         row("ADD p99, sequential", &add, 0.99, 1),
         row("DEL p50, sequential", &del, 0.5, 1),
         row("DEL p99, sequential", &del, 0.99, 1),
+        Comparison {
+            note: Some(format!(
+                "{note}; the plugin's process alone (it answers from its configuration); \
+                 fork and exec of `true`: {:.1} ms",
+                percentile(&version[2], 0.5)
+            )),
+            ..row("VERSION p50, sequential", &version, 0.5, 1)
+        },
         Comparison {
             note: Some(format!(
                 "{note}; the floor is `ip link add <host> type veth peer name eth0 netns <pod>`"
@@ -593,6 +624,7 @@ fn memory_and_node_table(lab: &mut Lab) -> Result<Vec<Comparison>> {
     let mut seen_s = Vec::new();
     let mut table_ms = Vec::new();
     let mut routes_ms = Vec::new();
+    let mut floor_ms = Vec::new();
     for rep in 0..APPLY_REPS {
         let started = Instant::now();
         write_cluster(&lab.cluster, CLUSTER_NODES)?;
@@ -622,6 +654,13 @@ fn memory_and_node_table(lab: &mut Lab) -> Result<Vec<Comparison>> {
         seen_s.push(seen.as_secs_f64());
         table_ms.push(field("node_table_ms")? as f64);
         routes_ms.push(field("routes_ms")? as f64);
+        let floor = routes_floor(CLUSTER_NODES - 1)?;
+        eprintln!(
+            "  rep {}/{APPLY_REPS}: the same routes by `ip -batch`: {:.0} ms",
+            rep + 1,
+            floor.as_secs_f64() * 1e3
+        );
+        floor_ms.push(floor.as_secs_f64() * 1e3);
         if rep == 0 {
             let (rss, hwm) = lab.agent.memory_kib()?;
             rows.push(Comparison {
@@ -639,10 +678,11 @@ fn memory_and_node_table(lab: &mut Lab) -> Result<Vec<Comparison>> {
     drop(pods);
 
     let spread = |s: &[f64]| format!("{:.0}-{:.0}", s[0], s[s.len() - 1]);
-    let (seen_s, table_ms, routes_ms) = (
+    let (seen_s, table_ms, routes_ms, floor_ms) = (
         sorted(seen_s.into_iter()),
         sorted(table_ms.into_iter()),
         sorted(routes_ms.into_iter()),
+        sorted(floor_ms.into_iter()),
     );
     rows.extend([
         Comparison {
@@ -660,11 +700,17 @@ fn memory_and_node_table(lab: &mut Lab) -> Result<Vec<Comparison>> {
             metric: format!("tunnel routes, {CLUSTER_NODES} nodes"),
             unit: "ms",
             podwire: percentile(&routes_ms, 0.5),
-            baseline: None,
+            baseline: Some((
+                "kernel floor (ip -batch)".into(),
+                percentile(&floor_ms, 0.5),
+            )),
             note: Some(format!(
-                "the agent's routes_ms: {} routes added; median of {APPLY_REPS} ({} ms)",
+                "the agent's routes_ms: {} routes added to its tunnel device, against the same \
+                 routes given to `ip -batch` (one netlink request each) in a namespace of their \
+                 own; medians of {APPLY_REPS} ({} ms, {} ms)",
                 CLUSTER_NODES - 1,
-                spread(&routes_ms)
+                spread(&routes_ms),
+                spread(&floor_ms)
             )),
         },
         Comparison {
@@ -680,6 +726,63 @@ fn memory_and_node_table(lab: &mut Lab) -> Result<Vec<Comparison>> {
         },
     ]);
     Ok(rows)
+}
+
+/// The kernel's floor for the tunnel routes of `routes` made-up nodes: the routes podwire's
+/// agent adds (to the node's pod CIDR, through the tunnel device, the node's address as the
+/// source) given to `ip -batch` in a namespace of their own, on a device of their own.
+fn routes_floor(routes: u32) -> Result<Duration> {
+    let ns = NetNs::new("rnode")?;
+    // A veth pair: Debian's kernel has no dummy module, and the device's kind does not matter
+    // to the routing table.
+    ns.ip(&["link", "add", "rt0", "type", "veth", "peer", "name", "rt1"])?;
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", Cluster::node_ip(0)),
+        "dev",
+        "rt0",
+    ])?;
+    ns.ip(&["link", "set", "rt0", "up"])?;
+    ns.ip(&["link", "set", "rt1", "up"])?;
+    let batch: String = (0..routes)
+        .map(|k| {
+            format!(
+                "route replace {} dev rt0 src {} scope link\n",
+                fake_node(k).pod_cidr,
+                Cluster::node_ip(0)
+            )
+        })
+        .collect();
+    let mut cmd = Command::new("ip");
+    cmd.args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let netns = open_netns(&ns)?;
+    let started = Instant::now();
+    let mut child = spawn_in(&netns, cmd)?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(batch.as_bytes())
+        .context("writing to ip -batch")?;
+    let out = child.wait_with_output().context("waiting for ip -batch")?;
+    let took = started.elapsed();
+    ensure!(
+        out.status.success(),
+        "ip -batch: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    // Its own routes and the subnet's.
+    let shown = ns.ip(&["route", "show", "dev", "rt0"])?;
+    let count = String::from_utf8_lossy(&shown.stdout).lines().count();
+    ensure!(
+        count == routes as usize + 1,
+        "ip -batch left {count} routes on rt0, not {routes} and the subnet's"
+    );
+    Ok(took)
 }
 
 /// The node's agent, run by us in place of the lab's (same arguments, state and pins).
