@@ -3,7 +3,7 @@
 //! the node table's apply time.
 //!
 //! Both plugins are exec'd as a container runtime execs them: the binary itself (no shell, no
-//! `nsenter` in between: the child enters the node's network namespace between fork and exec),
+//! `nsenter` in between: it is spawned from a thread in the node's network namespace),
 //! the CNI_* environment, the configuration a runtime hands the plugin out of its conflist on
 //! stdin, every pod a fresh network namespace. podwire runs on one node of the lab's cluster
 //! with its agent; the reference plugins on a node namespace of their own, configured as
@@ -15,21 +15,16 @@
 use std::{
     fs::File,
     io::Write as _,
-    os::{
-        fd::{AsRawFd as _, BorrowedFd},
-        unix::process::CommandExt as _,
-    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context as _, Result};
-use nix::sched::{setns, CloneFlags};
 use podwire_core::cluster::{Cluster as ClusterFile, NodeInfo};
 use podwire_lab::{
     artifacts::bin,
-    namespaces::NetNs,
+    namespaces::{enter, NetNs},
     nodes::{Cluster, ClusterSpec, CLUSTER_CIDR},
     processes::Daemon,
 };
@@ -177,6 +172,9 @@ impl Lab {
         let floor = Floor {
             node: open_netns(&floor_node)?,
         };
+        check_spawns_in(&podwire.node, &cluster.nodes[0].ns)?;
+        check_spawns_in(&bridge.node, &bridge_node)?;
+        check_spawns_in(&floor.node, &floor_node)?;
         Ok(Lab {
             agent,
             podwire,
@@ -242,19 +240,64 @@ fn open_netns(ns: &NetNs) -> Result<File> {
     File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))
 }
 
-/// Spawns `cmd` in the network namespace `netns` (entered between fork and exec, as a runtime
-/// that runs in the node's namespace would exec it directly).
-fn spawn_in(netns: &File, mut cmd: Command) -> Result<Child> {
-    let fd = netns.as_raw_fd();
-    // SAFETY: setns is a system call, async-signal-safe as what runs between fork and exec must
-    // be; `fd` stays open until `spawn` returns, as `netns` is borrowed for this whole call.
-    unsafe {
-        cmd.pre_exec(move || {
-            setns(BorrowedFd::borrow_raw(fd), CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-        });
-    }
-    cmd.spawn().with_context(|| format!("starting {cmd:?}"))
+/// Starts `cmds` from a thread that entered the network namespace `netns`, which the children
+/// inherit (as a runtime running in the node's namespace execs its plugins: nothing between
+/// fork and exec, so that std spawns with posix_spawn, a vfork, as Go's runtime does), and
+/// writes `input` to the stdin of each. Returns when the first was started, and the children.
+fn spawn_in(
+    netns: &File,
+    cmds: Vec<Command>,
+    input: Option<&[u8]>,
+) -> Result<(Instant, Vec<Child>)> {
+    enter(netns, move || -> Result<(Instant, Vec<Child>)> {
+        let started = Instant::now();
+        let children = cmds
+            .into_iter()
+            .map(|mut cmd| -> Result<Child> {
+                let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+                if let Some(input) = input {
+                    // Smaller than a pipe's buffer: written at once, closed when dropped here.
+                    child
+                        .stdin
+                        .take()
+                        .context("stdin is not piped")?
+                        .write_all(input)
+                        .with_context(|| format!("writing to {cmd:?}"))?;
+                }
+                Ok(child)
+            })
+            .collect::<Result<_>>()?;
+        Ok((started, children))
+    })?
+}
+
+/// Checks that what [`spawn_in`] starts with `netns` runs in `ns`, not in this process's
+/// namespace: the benchmark's veths and routes must stay in its own namespaces.
+fn check_spawns_in(netns: &File, ns: &NetNs) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut cmd = Command::new("stat");
+    cmd.args(["-L", "-c", "%i", "/proc/self/ns/net"])
+        .stdout(Stdio::piped());
+    let (_, child) = spawn_one(netns, cmd, None)?;
+    let out = child.wait_with_output()?;
+    let inode = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let want = std::fs::metadata(ns.path())?.ino().to_string();
+    ensure!(
+        inode == want,
+        "a child spawned for {} runs in namespace inode {inode}, not {want}",
+        ns.name()
+    );
+    Ok(())
+}
+
+/// [`spawn_in`] of one command.
+fn spawn_one(netns: &File, cmd: Command, input: Option<&[u8]>) -> Result<(Instant, Child)> {
+    let (started, children) = spawn_in(netns, vec![cmd], input)?;
+    let child = children
+        .into_iter()
+        .next()
+        .context("one command, one child")?;
+    Ok((started, child))
 }
 
 /// A CNI plugin as a runtime execs it on one node.
@@ -269,8 +312,8 @@ struct Plugin {
 }
 
 impl Plugin {
-    /// Starts `command` for `container_id` in `pod`, its configuration written to its stdin.
-    fn spawn(&self, command: &str, container_id: &str, pod: &NetNs) -> Result<Child> {
+    /// The plugin's command for `command` of `container_id` in `pod`.
+    fn command(&self, command: &str, container_id: &str, pod: &NetNs) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
@@ -280,21 +323,13 @@ impl Plugin {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = spawn_in(&self.node, cmd)?;
-        // Smaller than a pipe's buffer: written at once, and closed when dropped here.
-        child
-            .stdin
-            .take()
-            .expect("stdin is piped")
-            .write_all(&self.conf)
-            .with_context(|| format!("writing {}'s configuration", self.label))?;
-        Ok(child)
+        cmd
     }
 
     /// One invocation, timed from exec to exit.
     fn exec(&self, command: &str, container_id: &str, pod: &NetNs) -> Result<Duration> {
-        let started = Instant::now();
-        let child = self.spawn(command, container_id, pod)?;
+        let cmd = self.command(command, container_id, pod);
+        let (started, child) = spawn_one(&self.node, cmd, Some(&self.conf))?;
         let out = child
             .wait_with_output()
             .with_context(|| format!("waiting for {}", self.label))?;
@@ -306,12 +341,12 @@ impl Plugin {
     /// `command` for every pod at once (all started, then all waited for): the wall time from
     /// the first exec to the last exit.
     fn all_at_once(&self, command: &str, ids: &[String], pods: &[NetNs]) -> Result<Duration> {
-        let started = Instant::now();
-        let children: Vec<Child> = ids
+        let cmds = ids
             .iter()
             .zip(pods)
-            .map(|(id, pod)| self.spawn(command, id, pod))
-            .collect::<Result<_>>()?;
+            .map(|(id, pod)| self.command(command, id, pod))
+            .collect();
+        let (started, children) = spawn_in(&self.node, cmds, Some(&self.conf))?;
         let spawned = started.elapsed();
         let outs: Vec<Output> = children
             .into_iter()
@@ -375,8 +410,8 @@ impl Floor {
     fn exec(&self, program: &str, args: &[&str]) -> Result<Duration> {
         let mut cmd = Command::new(program);
         cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
-        let started = Instant::now();
-        let out = spawn_in(&self.node, cmd)?.wait_with_output()?;
+        let (started, child) = spawn_one(&self.node, cmd, None)?;
+        let out = child.wait_with_output()?;
         let took = started.elapsed();
         ensure!(
             out.status.success(),
@@ -787,20 +822,18 @@ fn routes_floor(routes: u32) -> Result<Duration> {
             )
         })
         .collect();
+    // From a file: more than a pipe holds, and `ip` may answer on stderr as it reads.
+    let dir = ScratchDir::new("routes")?;
+    let file = dir.0.join("batch");
+    std::fs::write(&file, batch).with_context(|| format!("writing {}", file.display()))?;
     let mut cmd = Command::new("ip");
-    cmd.args(["-batch", "-"])
-        .stdin(Stdio::piped())
+    cmd.arg("-batch")
+        .arg(&file)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let netns = open_netns(&ns)?;
-    let started = Instant::now();
-    let mut child = spawn_in(&netns, cmd)?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(batch.as_bytes())
-        .context("writing to ip -batch")?;
+    check_spawns_in(&netns, &ns)?;
+    let (started, child) = spawn_one(&netns, cmd, None)?;
     let out = child.wait_with_output().context("waiting for ip -batch")?;
     let took = started.elapsed();
     ensure!(
