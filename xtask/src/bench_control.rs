@@ -222,7 +222,19 @@ struct ScratchDir(PathBuf);
 
 impl ScratchDir {
     fn new(role: &str) -> Result<ScratchDir> {
-        let path = std::env::temp_dir().join(format!("pwbench-{role}-{}", std::process::id()));
+        let tmp = std::env::temp_dir();
+        // Those of benchmarks that were killed before their guards ran.
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("pwbench-")
+                .and_then(|rest| rest.rsplit('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let path = tmp.join(format!("pwbench-{role}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(ScratchDir(path))
