@@ -136,8 +136,11 @@ impl From<LifecycleError> for ApiError {
 #[derive(Debug)]
 pub struct Allocation {
     pub ip: Ipv4Addr,
-    /// The MTU its pod gets unless the plugin's configuration sets one.
+    /// The MTU of its pod's routes off the node, unless the plugin's configuration sets one.
     pub mtu: u32,
+    /// The MTU of its pod's link and route to the node's other pods, unless the plugin's
+    /// configuration sets one.
+    pub local_mtu: u32,
     /// Allocated by this request (not held before).
     pub fresh: bool,
     /// The veth pair it was registered with, if it was.
@@ -223,6 +226,7 @@ impl Agent {
         Ok(Allocation {
             ip,
             mtu: self.pod_mtu.cluster,
+            local_mtu: self.pod_mtu.local,
             fresh: held.is_none(),
             registered: held.and_then(|r| r.veth),
         })

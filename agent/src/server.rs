@@ -236,6 +236,7 @@ async fn handle(agent: &mut Agent, request: Request) -> Result<Reply, ApiError> 
                 ip: allocation.ip,
                 pod_cidr: agent.pod_cidr(),
                 mtu: allocation.mtu,
+                local_mtu: Some(allocation.local_mtu),
                 fresh: allocation.fresh,
                 registered: allocation.registered,
             }

@@ -10,13 +10,15 @@ mod version;
 
 use std::{io::Read as _, process::ExitCode};
 
+use ipnet::Ipv4Net;
+
 use podwire_core::{
     api::{self, Reply, Request},
     endpoint::{Attachment, VethPair},
     fault::{self, Injected},
 };
 use podwire_netlink::{
-    pod::{self, PodInterface, PodNetns, GATEWAY},
+    pod::{self, MtuSplit, PodInterface, PodNetns, GATEWAY},
     Netlink,
 };
 
@@ -97,7 +99,7 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
     let netns = config::required("CNI_NETNS", "ADD")?;
     let host = Netlink::connect()?;
     let pod_ns = PodNetns::open(&netns)?;
-    let (ip, node_mtu, fresh, registered) = match call(
+    let (ip, (mtu, split), fresh, registered) = match call(
         conf,
         &Request::Allocate {
             attachment: attachment.clone(),
@@ -107,11 +109,17 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
     )? {
         Reply::Allocated {
             ip,
+            pod_cidr,
             mtu,
+            local_mtu,
             fresh,
             registered,
-            ..
-        } => (ip, mtu, fresh, registered),
+        } => (
+            ip,
+            pod_mtus(conf.mtu, mtu, local_mtu, pod_cidr),
+            fresh,
+            registered,
+        ),
         other => return Err(unexpected(other)),
     };
     let host_ifname = attachment.host_ifname();
@@ -119,7 +127,8 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
         host_ifname: &host_ifname,
         ifname: &attachment.ifname,
         ip,
-        mtu: conf.mtu.unwrap_or(node_mtu),
+        mtu,
+        split,
     };
     // A repeated ADD (a restarted kubelet, a lost answer) of a pod that is wired as the agent
     // recorded it: the same result, and nothing touched.
@@ -127,7 +136,8 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
         let wired = veth.host_ifname == host_ifname
             && pod::check(&host, &pod_ns, veth, &attachment.ifname, ip)
                 .await
-                .is_ok();
+                .is_ok()
+            && pod::check_mtus(&host, &pod_ns, want).await.is_ok();
         if wired {
             return Ok(add_result(conf, &attachment, &netns, want, veth));
         }
@@ -147,6 +157,29 @@ async fn add(conf: &NetConf) -> Result<String, CniError> {
             }
             Err(e)
         }
+    }
+}
+
+/// The MTU of the pod's link and, if traffic leaving the node has less room, the split of its
+/// routes: from the agent's `cluster` MTU (what may cross the tunnel) and `local` one (the
+/// node's own pods, in `pod_cidr`; absent from older agents), unless the plugin's configuration
+/// sets one MTU for everything.
+fn pod_mtus(
+    configured: Option<u32>,
+    cluster: u32,
+    local: Option<u32>,
+    pod_cidr: Ipv4Net,
+) -> (u32, Option<MtuSplit>) {
+    match (configured, local) {
+        (Some(mtu), _) => (mtu, None),
+        (None, Some(local)) if local > cluster => (
+            local,
+            Some(MtuSplit {
+                node_pods: pod_cidr.trunc(),
+                cluster_mtu: cluster,
+            }),
+        ),
+        _ => (cluster, None),
     }
 }
 
@@ -219,11 +252,16 @@ fn add_result(
             interface: Some(1),
             ..Default::default()
         }],
-        routes: vec![Route {
-            dst: "0.0.0.0/0".into(),
-            gw: Some(GATEWAY.to_string()),
-            ..Default::default()
-        }],
+        routes: want
+            .routes()
+            .into_iter()
+            .map(|(dst, mtu)| Route {
+                dst: dst.to_string(),
+                gw: Some(GATEWAY.to_string()),
+                mtu,
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     };
     let result = match &conf.prev_result {
@@ -283,5 +321,30 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     )? {
         Reply::Collected { .. } => Ok(()),
         other => Err(unexpected(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_get_the_full_mtu_to_their_node_and_the_tunnels_beyond() {
+        let cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let split = |cluster_mtu| {
+            Some(MtuSplit {
+                node_pods: cidr,
+                cluster_mtu,
+            })
+        };
+        assert_eq!(pod_mtus(None, 1450, Some(1500), cidr), (1500, split(1450)));
+        // A configured MTU is the one MTU; so is the agent's where both are the same.
+        assert_eq!(pod_mtus(Some(1400), 1450, Some(1500), cidr), (1400, None));
+        assert_eq!(pod_mtus(None, 1500, Some(1500), cidr), (1500, None));
+        // An agent from before the split.
+        assert_eq!(pod_mtus(None, 1450, None, cidr), (1450, None));
+        // The CIDR as a route's destination: its network address.
+        let loose: Ipv4Net = "10.244.1.7/24".parse().unwrap();
+        assert_eq!(pod_mtus(None, 1450, Some(9000), loose), (9000, split(1450)));
     }
 }

@@ -73,7 +73,10 @@ pub enum Reply {
         node: String,
         pod_cidr: Ipv4Net,
     },
-    /// `mtu`: the pod MTU the node wants (underlay MTU less the tunnel's overhead). `fresh`:
+    /// `mtu`: the pod MTU the node wants for traffic that may leave the node (underlay MTU less
+    /// the tunnel's overhead). `local_mtu`: the MTU of the pod's link and of its route to the
+    /// node's other pods (`pod_cidr`), which nothing encapsulates; absent from older agents,
+    /// which means `mtu` everywhere. `fresh`:
     /// this request allocated `ip`, so an ADD that fails afterwards releases it; otherwise the
     /// attachment already held it (a repeated ADD) and a failure must leave it to the pod.
     /// `registered`: the veth pair the attachment was registered with, if it was, so a repeated
@@ -83,6 +86,8 @@ pub enum Reply {
         ip: Ipv4Addr,
         pod_cidr: Ipv4Net,
         mtu: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        local_mtu: Option<u32>,
         #[serde(default)]
         fresh: bool,
         #[serde(default)]

@@ -51,11 +51,24 @@ pub enum Op {
     CreateVeth(String),
     CreateVxlan(String),
     SetUp(String),
-    AddAddress { ip: Ipv4Addr, link: String },
-    AddRoute { dst: Ipv4Net, link: String },
-    AddRouteVia { gateway: Ipv4Addr, link: String },
+    AddAddress {
+        ip: Ipv4Addr,
+        link: String,
+    },
+    AddRoute {
+        dst: Ipv4Net,
+        link: String,
+    },
+    AddRouteVia {
+        dst: Ipv4Net,
+        gateway: Ipv4Addr,
+        link: String,
+    },
     DeleteRoute(Ipv4Net),
-    AddNeighbour { ip: Ipv4Addr, link: String },
+    AddNeighbour {
+        ip: Ipv4Addr,
+        link: String,
+    },
     ListAddresses,
     ListRoutes,
     ListNeighbours,
@@ -71,8 +84,11 @@ impl fmt::Display for Op {
             Op::SetUp(name) => write!(f, "setting {name} up"),
             Op::AddAddress { ip, link } => write!(f, "adding {ip}/32 to {link}"),
             Op::AddRoute { dst, link } => write!(f, "adding route {dst} dev {link}"),
-            Op::AddRouteVia { gateway, link } => {
+            Op::AddRouteVia { dst, gateway, link } if dst.prefix_len() == 0 => {
                 write!(f, "adding default route via {gateway} dev {link}")
+            }
+            Op::AddRouteVia { dst, gateway, link } => {
+                write!(f, "adding route {dst} via {gateway} dev {link}")
             }
             Op::DeleteRoute(dst) => write!(f, "removing route {dst}"),
             Op::AddNeighbour { ip, link } => write!(f, "adding neighbour {ip} on {link}"),

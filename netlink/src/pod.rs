@@ -25,7 +25,7 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoData, InfoKind, InfoVeth},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteScope},
+        route::{RouteAddress, RouteAttribute, RouteMetric, RouteScope},
     },
     LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
@@ -90,7 +90,36 @@ pub struct PodInterface<'a> {
     /// Name of its peer in the pod (CNI_IFNAME).
     pub ifname: &'a str,
     pub ip: Ipv4Addr,
+    /// MTU of both ends of the veth pair.
     pub mtu: u32,
+    /// Set when traffic leaving the node has less room than the pod's link (a tunnel's
+    /// headers): `None` gives every route the link's MTU.
+    pub split: Option<MtuSplit>,
+}
+
+/// A pod's two MTUs: the link's for the node's other pods (nothing between them is
+/// encapsulated), a smaller one for everything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MtuSplit {
+    /// The node's pod CIDR, routed via the gateway at the link's MTU.
+    pub node_pods: Ipv4Net,
+    /// MTU of the default route: what may cross the tunnel.
+    pub cluster_mtu: u32,
+}
+
+impl PodInterface<'_> {
+    /// The pod's routes via the gateway, with the MTU each carries (`None`: the link's): the
+    /// default route, and with a split the node's pod CIDR at the link's MTU.
+    pub fn routes(&self) -> Vec<(Ipv4Net, Option<u32>)> {
+        let default = Ipv4Net::default();
+        match self.split {
+            None => vec![(default, None)],
+            Some(split) => vec![
+                (default, Some(split.cluster_mtu)),
+                (split.node_pods.trunc(), Some(self.mtu)),
+            ],
+        }
+    }
 }
 
 /// Creates the veth pair, its peer directly inside the pod's namespace, and addresses and routes
@@ -189,23 +218,26 @@ async fn address(
             .failed(),
         )?;
     add_route(pod_nl, Ipv4Net::from(GATEWAY), index, ifname).await?;
-    let default = RouteMessageBuilder::<Ipv4Addr>::new()
-        .gateway(GATEWAY)
-        .output_interface(index)
-        .build();
-    pod_nl
-        .handle()
-        .route()
-        .add(default)
-        .execute()
-        .await
-        .map_err(
+    for (dst, mtu) in want.routes() {
+        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .gateway(GATEWAY)
+            .output_interface(index)
+            .build();
+        if let Some(mtu) = mtu {
+            route
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        }
+        pod_nl.handle().route().add(route).execute().await.map_err(
             Op::AddRouteVia {
+                dst,
                 gateway: GATEWAY,
                 link: ifname.to_owned(),
             }
             .failed(),
         )?;
+    }
     Ok(VethPair {
         host_ifname: host_ifname.to_owned(),
         host_mac,
@@ -275,6 +307,20 @@ pub enum Mismatch {
     /// The host side of the veth pair is gone.
     #[error("host-side veth {0} is missing")]
     NoHostVeth(String),
+    /// An end of the veth pair has another MTU than ADD gave it.
+    #[error("{ifname} has MTU {}, not {want}", .have.map_or_else(|| "none".to_owned(), |m| m.to_string()))]
+    Mtu {
+        ifname: String,
+        have: Option<u32>,
+        want: u32,
+    },
+    /// A route ADD made via the gateway is gone, or carries another MTU.
+    #[error("no route {dst} via {GATEWAY} dev {ifname}{}", .mtu.map_or_else(String::new, |m| format!(" mtu {m}")))]
+    NoRoute {
+        dst: Ipv4Net,
+        mtu: Option<u32>,
+        ifname: String,
+    },
 }
 
 /// Errors of CHECK.
@@ -286,6 +332,64 @@ pub enum CheckError {
     /// Looking at it failed.
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+}
+
+/// Verifies what [`check`] leaves out of `want`, for a repeated ADD to find the pod as this ADD
+/// would make it: both ends of the veth pair have its MTU, and each of its routes via the gateway
+/// is there with the MTU it calls for (and none where it calls for none).
+pub async fn check_mtus(
+    host: &Netlink,
+    pod: &PodNetns,
+    want: PodInterface<'_>,
+) -> Result<(), CheckError> {
+    let ends = [(host, want.host_ifname), (&pod.netlink, want.ifname)];
+    let mut pod_index = 0;
+    for (netlink, ifname) in ends {
+        let link = netlink
+            .link(LinkRef::Name(ifname))
+            .await?
+            .ok_or_else(|| Mismatch::NoInterface(ifname.to_owned()))?;
+        if link.mtu != Some(want.mtu) {
+            return Err(Mismatch::Mtu {
+                ifname: ifname.to_owned(),
+                have: link.mtu,
+                want: want.mtu,
+            }
+            .into());
+        }
+        pod_index = link.index;
+    }
+    let routes = pod.netlink.ipv4_routes().await?;
+    for (dst, mtu) in want.routes() {
+        let found = routes.iter().any(|r| {
+            let have_mtu = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Metrics(metrics) => metrics.iter().find_map(|m| match m {
+                    RouteMetric::Mtu(m) => Some(*m),
+                    _ => None,
+                }),
+                _ => None,
+            });
+            let have_dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            r.header.destination_prefix_length == dst.prefix_len()
+                && have_dst.unwrap_or(Ipv4Addr::UNSPECIFIED) == dst.network()
+                && r.attributes
+                    .contains(&RouteAttribute::Gateway(RouteAddress::Inet(GATEWAY)))
+                && r.attributes.contains(&RouteAttribute::Oif(pod_index))
+                && have_mtu == mtu
+        });
+        if !found {
+            return Err(Mismatch::NoRoute {
+                dst,
+                mtu,
+                ifname: want.ifname.to_owned(),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Verifies the pod is as ADD left it: the host side of `veth` exists, and in the pod `ifname`

@@ -3,8 +3,9 @@
 //! anti-spoofing, the CNI verbs' lifecycle, and the spec's errors for bad input.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, UdpSocket},
-    process::Output,
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    process::{Command, Output},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -13,8 +14,8 @@ use podwire_lab::{
     artifacts,
     cni::{pod_ip, Pod},
     namespaces::NetNs,
-    nodes::Node,
-    processes::run,
+    nodes::{Cluster, ClusterSpec, Node},
+    processes::{run, Daemon},
     traffic::{ping, receive, tcp_echo, udp_listener},
 };
 use serde_json::Value;
@@ -101,6 +102,141 @@ fn add_result_follows_the_spec_and_the_pod_is_addressed_as_it_says() -> Result<(
     assert_eq!(endpoints.len(), 1);
     assert_eq!(endpoints[0].0, pod.ip);
     Ok(())
+}
+
+/// With a tunnel, a pod's link and its route to the pods of its own node get the underlay's full
+/// MTU (nothing encapsulates that traffic), its default route what the tunnel leaves: TCP to a
+/// same-node pod uses full-size segments, TCP to another node's pods fits the tunnel.
+#[test]
+fn pods_get_the_full_mtu_to_their_own_node_and_the_tunnels_beyond_it() -> Result<()> {
+    let c = Cluster::start(ClusterSpec {
+        nodes: 2,
+        agent_args: vec!["--vni".into(), "7".into()],
+        echo_agents: false,
+    })?;
+    let a = c.nodes[0].add_pod("c-mtu-a")?;
+    let near = c.nodes[0].add_pod("c-mtu-near")?;
+    let far = c.nodes[1].add_pod("c-mtu-far")?;
+    let r = &a.result;
+    assert_eq!(r["interfaces"][0]["mtu"], 1500, "host side: {r}");
+    assert_eq!(r["interfaces"][1]["mtu"], 1500, "pod side: {r}");
+    let own_cidr = Cluster::pod_cidr(0);
+    assert_eq!(
+        r["routes"],
+        serde_json::json!([
+            { "dst": "0.0.0.0/0", "gw": "169.254.1.1", "mtu": 1450 },
+            { "dst": own_cidr, "gw": "169.254.1.1", "mtu": 1500 },
+        ]),
+        "{r}"
+    );
+    // What the result claims is what the pod has.
+    let link: Value =
+        serde_json::from_slice(&a.ns.ip(&["-j", "link", "show", "dev", "eth0"])?.stdout)?;
+    assert_eq!(link[0]["mtu"], 1500);
+    let host: Value = serde_json::from_slice(
+        &c.nodes[0]
+            .ns
+            .ip(&["-j", "link", "show", "dev", a.host_veth()?])?
+            .stdout,
+    )?;
+    assert_eq!(host[0]["mtu"], 1500);
+    let routes: Value = serde_json::from_slice(&a.ns.ip(&["-j", "route", "show"])?.stdout)?;
+    let via_gateway = |dst: &str| {
+        routes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["dst"] == dst && r["gateway"] == "169.254.1.1" && r["dev"] == "eth0")
+            .map(|r| r["metrics"].clone())
+    };
+    assert_eq!(
+        via_gateway("default"),
+        Some(serde_json::json!([{ "mtu": 1450 }])),
+        "{routes}"
+    );
+    assert_eq!(
+        via_gateway(&own_cidr),
+        Some(serde_json::json!([{ "mtu": 1500 }])),
+        "{routes}"
+    );
+    // CHECK finds it as ADD made it, and a route that lost its MTU.
+    let check = || -> Result<podwire_lab::cni::CniOutput> {
+        let mut conf = c.nodes[0].conf();
+        conf["prevResult"] = a.result.clone();
+        let netns = cni_netns(&a.ns);
+        let env = [
+            ("CNI_CONTAINERID", a.container_id.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", netns.as_str()),
+        ];
+        c.nodes[0].cni("CHECK", &env, conf.to_string().as_bytes())
+    };
+    let ok = check()?;
+    assert!(ok.success, "{ok:?}");
+    a.ns.ip(&[
+        "route",
+        "change",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ])?;
+    let msg = check()?.expect_error(100)?;
+    assert!(msg.contains("0.0.0.0/0 via 169.254.1.1 mtu 1450"), "{msg}");
+    a.ns.ip(&[
+        "route",
+        "change",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "mtu",
+        "1450",
+    ])?;
+
+    // The MSS each end of a connection offers: 1500 - 40 to a pod of the node, 1450 - 40
+    // across the tunnel.
+    assert_eq!(syn_mss(&a, &near)?, 1460);
+    assert_eq!(syn_mss(&a, &far)?, 1410);
+    Ok(())
+}
+
+/// The MSS option of the SYN `from` sends to `to` (port 7000), as tcpdump in `from` reads it.
+fn syn_mss(from: &Pod, to: &Pod) -> Result<u64> {
+    let listener = to.ns.run(|| TcpListener::bind((to.ip, 7000)))??;
+    let capture = tempfile::NamedTempFile::new()?;
+    let mut cmd = from.ns.command("tcpdump");
+    cmd.args(["-i", "eth0", "-nn", "-U", "-c", "1", "-w"])
+        .arg(capture.path())
+        .arg(format!(
+            "tcp[tcpflags] == tcp-syn and dst host {} and dst port 7000",
+            to.ip
+        ));
+    let mut tcpdump = Daemon::spawn(cmd, None)?;
+    tcpdump.wait_for_line("listening on")?;
+    // A pod of another node is reachable once its node's agent has the cluster.
+    let connected = podwire_lab::eventually(Duration::from_secs(10), || {
+        let stream = from
+            .ns
+            .run(|| TcpStream::connect_timeout(&(to.ip, 7000).into(), Duration::from_secs(1)))?;
+        Ok(stream.is_ok())
+    })?;
+    assert!(connected, "TCP {} -> {}", from.ip, to.ip);
+    drop(listener);
+    // It exits with its one packet.
+    tcpdump.wait()?;
+    let read = run(Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(capture.path()))?;
+    let syn = String::from_utf8(read.stdout)?;
+    let mss = syn
+        .split("options [mss ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ']']).next())
+        .with_context(|| format!("no MSS in {syn}"))?;
+    mss.parse().with_context(|| format!("MSS {mss:?} in {syn}"))
 }
 
 /// Three pods by exec'ing the plugin, two through cnitool in a conflist; with forwarding off in

@@ -271,6 +271,7 @@ async fn wire_pod(host: &Netlink, host_if: &'static str, ip: Ipv4Addr) -> Result
         ifname: POD_IF,
         ip,
         mtu: MTU,
+        split: None,
     };
     let veth = create(host, &pod_netns, want)
         .await
