@@ -95,10 +95,7 @@ pub fn run(bins: &Path) -> Result<Vec<Comparison>> {
     podwire_lab::artifacts::set_bin_dir(bins);
     // The load before each phase says how busy the machine was with others' work; the
     // parallel phase raises it by itself (100 plugins at once).
-    eprintln!(
-        "control plane: load average {} (2 CPUs shared: numbers are noisy when it is high)",
-        load_average()
-    );
+    eprintln!("control plane: load average {}", load_average());
     let mut lab = Lab::start()?;
     let mut rows = sequential(&lab)?;
     rows.extend(parallel(&lab)?);
@@ -967,11 +964,21 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q) as usize]
 }
 
-/// The 1, 5 and 15 minute load averages.
+/// The 1, 5 and 15 minute load averages, and a warning when the last minute's exceeds the
+/// CPUs: other work then competes with the benchmark's processes.
 fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
+    let Ok(loadavg) = std::fs::read_to_string("/proc/loadavg") else {
+        return "unknown".into();
+    };
+    let three: Vec<&str> = loadavg.split_whitespace().take(3).collect();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match three.first().and_then(|l| l.parse::<f64>().ok()) {
+        Some(last_minute) if last_minute > cpus as f64 => format!(
+            "{} (busy: more than {cpus} CPUs' worth; only the ratios mean anything)",
+            three.join(" ")
+        ),
+        _ => three.join(" "),
+    }
 }
 
 #[cfg(test)]
