@@ -23,7 +23,7 @@ use podwire_agent::{
     ipam::Ipam,
     kubernetes::{self, KubeSource},
     metrics::{self, Health, Metrics, DEFAULT_HTTP_ADDRESS},
-    overlay::{self, Overlay, OverlayConfig, UnderlayXdp},
+    overlay::{self, Encap, Overlay, OverlayConfig, Routing, UnderlayXdp},
     server,
     uninstall::{self, Cleanup, Uninstalling},
     Agent, OBJECT,
@@ -121,8 +121,20 @@ struct Args {
     #[arg(long, value_enum, default_value_t = UnderlayXdp::Auto)]
     underlay_xdp: UnderlayXdp,
 
-    /// Pod MTU; by default the underlay interface's MTU less the VXLAN overhead (50 bytes), or
-    /// 1500 without an overlay.
+    /// How packets for other nodes' pods cross the underlay: in a VXLAN tunnel (tunnel), or
+    /// unencapsulated, routed via the owning node's address (native: the nodes must share one
+    /// segment, and a pod address on it cannot be authenticated; see docs/DATAPATH-MODES.md).
+    #[arg(long, value_enum, default_value_t = Routing::Tunnel)]
+    routing: Routing,
+
+    /// Who writes the tunnel's headers with --routing tunnel: podwire's programs (bpf: pushed
+    /// in `from_pod`, taken off at the underlay's tc ingress straight into the pod) or the
+    /// kernel's collect_md VXLAN device (device). Both speak the same VXLAN.
+    #[arg(long, value_enum, default_value_t = Encap::Device)]
+    encap: Encap,
+
+    /// Pod MTU; by default the underlay interface's MTU less the VXLAN overhead (50 bytes) for
+    /// the cluster route (the underlay's with --routing native), or 1500 without an overlay.
     #[arg(long)]
     mtu: Option<u32>,
 
@@ -242,7 +254,7 @@ async fn main() -> Result<()> {
         None => None,
     };
     let overlay = joined.as_ref().map(|j| &j.overlay);
-    let mut datapath = Datapath::load(
+    let mut datapath = Datapath::load_crossing(
         OBJECT,
         LoadOptions {
             log_level: LogLevel::from_filter(&args.log),
@@ -250,6 +262,7 @@ async fn main() -> Result<()> {
             tunnel: overlay.map(Overlay::tunnel),
             test_run: false,
         },
+        overlay.map(Overlay::crossing),
     )?;
     if let Some(logger) = datapath.take_logger() {
         tokio::spawn(forward_logs(logger));
@@ -527,6 +540,8 @@ async fn join(args: &Args, source: &mut Source, metrics: &Metrics) -> Result<Joi
             vni: args.vni,
             port: args.vxlan_port,
             underlay_xdp: args.underlay_xdp,
+            routing: args.routing,
+            encap: args.encap,
         },
     )
     .await?;
@@ -534,6 +549,7 @@ async fn join(args: &Args, source: &mut Source, metrics: &Metrics) -> Result<Joi
         underlay = %overlay.underlay,
         underlay_mtu = overlay.underlay_mtu,
         vni = args.vni,
+        mode = ?overlay.config.cross_node(),
         "overlay device {} ready",
         overlay::VXLAN_DEV
     );

@@ -15,6 +15,7 @@ use std::{
 use ipnet::Ipv4Net;
 use podwire_common::{NodeEntry, NodeKind};
 use podwire_core::cluster::Cluster;
+use podwire_netlink::overlay::PodRoute;
 
 /// This node, as far as the node table is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,8 +78,9 @@ pub enum Conflict {
 pub struct Desired {
     /// Every entry of the node table.
     pub nodes: Vec<(Ipv4Net, NodeEntry)>,
-    /// The other nodes' pod CIDRs, routed over the VXLAN device for the node's own traffic.
-    pub routes: Vec<Ipv4Net>,
+    /// The other nodes' pod CIDRs with their nodes' addresses, routed over the VXLAN device (or
+    /// via those addresses, with native routing) for the node's own traffic.
+    pub routes: Vec<PodRoute>,
     /// Where pod traffic goes unmasqueraded: the cluster range, or every node's pod CIDR when
     /// the cluster has no range.
     pub pod_ranges: Vec<Ipv4Net>,
@@ -143,7 +145,10 @@ pub fn desired(cluster: &Cluster, me: ThisNode<'_>) -> Desired {
             continue;
         }
         nodes.push((node.pod_cidr, entry));
-        routes.push(node.pod_cidr);
+        routes.push(PodRoute {
+            dst: node.pod_cidr,
+            node: node.address,
+        });
         pod_ranges.push(node.pod_cidr);
     }
     if let Some(range) = cluster.cluster_cidr {
@@ -196,6 +201,11 @@ mod tests {
 
     use super::*;
 
+    /// The routes' destinations.
+    fn dsts(want: &Desired) -> Vec<Ipv4Net> {
+        want.routes.iter().map(|r| r.dst).collect()
+    }
+
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
     }
@@ -244,7 +254,16 @@ mod tests {
                     (net("192.168.77.3/32"), remote(3)),
                     (net("10.244.3.0/24"), remote(3)),
                 ],
-                routes: vec![net("10.244.2.0/24"), net("10.244.3.0/24")],
+                routes: vec![
+                    PodRoute {
+                        dst: net("10.244.2.0/24"),
+                        node: Ipv4Addr::new(192, 168, 77, 2),
+                    },
+                    PodRoute {
+                        dst: net("10.244.3.0/24"),
+                        node: Ipv4Addr::new(192, 168, 77, 3),
+                    },
+                ],
                 pod_ranges: vec![net("10.244.0.0/16")],
                 conflicts: vec![],
             }
@@ -276,7 +295,7 @@ mod tests {
         };
         let want = desired(&cluster, me());
         assert_eq!(want.nodes.len(), 2);
-        assert!(want.routes.is_empty());
+        assert!(dsts(&want).is_empty());
         assert!(want.conflicts.is_empty());
     }
 
@@ -303,7 +322,7 @@ mod tests {
             ],
             "b's address stays, its pod CIDR (this node's) does not"
         );
-        assert_eq!(want.routes, [net("10.244.3.0/24")]);
+        assert_eq!(dsts(&want), [net("10.244.3.0/24")]);
         assert_eq!(
             want.conflicts,
             [
@@ -328,7 +347,7 @@ mod tests {
                 nodes: vec![node("a", 1), b],
             };
             let want = desired(&cluster, me());
-            assert!(want.routes.is_empty(), "{overlapping}");
+            assert!(dsts(&want).is_empty(), "{overlapping}");
             assert!(!want.nodes.iter().any(|(n, _)| *n == net(overlapping)));
             assert_eq!(want.pod_ranges, [net("10.244.1.0/24")]);
         }
@@ -348,7 +367,7 @@ mod tests {
             .nodes
             .iter()
             .any(|(n, _)| *n == net("192.168.77.1/32") || *n == net("10.244.7.0/24")));
-        assert_eq!(want.routes, [net("10.244.2.0/24")]);
+        assert_eq!(dsts(&want), [net("10.244.2.0/24")]);
         assert_eq!(
             want.conflicts,
             [
@@ -376,7 +395,7 @@ mod tests {
         };
         let want = desired(&cluster, me());
         assert!(want.nodes.contains(&local()));
-        assert!(!want.routes.contains(&net("10.244.1.0/24")));
+        assert!(!dsts(&want).contains(&net("10.244.1.0/24")));
         assert!(matches!(
             want.conflicts[..],
             [Conflict::AddressChanged { .. }]

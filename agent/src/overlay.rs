@@ -1,11 +1,12 @@
 //! The node's overlay, decided once at start: which interface carries the node's underlay
-//! address and so the tunnel, the collect_md VXLAN device the programs tunnel through, and the
-//! MTUs that follow from the underlay's.
+//! address and so the tunnel, how packets for other nodes' pods cross it (`--routing`,
+//! `--encap`), the collect_md VXLAN device, and the MTUs that follow from the underlay's.
 
 use std::net::Ipv4Addr;
 
+use podwire_common::CrossNode;
 use podwire_core::{object::programs, pins::Pins};
-use podwire_datapath::{AttachError, Datapath, Tunnel, XdpMode};
+use podwire_datapath::{AttachError, Crossing, Datapath, Hook, Tunnel, XdpMode};
 use podwire_netlink::{disable_ipv6, overlay::VxlanDevice, Netlink, NetlinkError};
 
 /// The agent's VXLAN device.
@@ -26,6 +27,44 @@ pub struct OverlayConfig {
     pub port: u16,
     /// Where `from_netdev` runs on the underlay interface.
     pub underlay_xdp: UnderlayXdp,
+    /// Whether other nodes' pods are reached through a tunnel or routed natively.
+    pub routing: Routing,
+    /// Who writes the tunnel's headers (tunnel routing only).
+    pub encap: Encap,
+}
+
+impl OverlayConfig {
+    /// How the programs carry packets for other nodes' pods.
+    pub fn cross_node(&self) -> CrossNode {
+        match (self.routing, self.encap) {
+            (Routing::Native, _) => CrossNode::Native,
+            (Routing::Tunnel, Encap::Bpf) => CrossNode::TunnelBpf,
+            (Routing::Tunnel, Encap::Device) => CrossNode::TunnelDevice,
+        }
+    }
+}
+
+/// How packets for other nodes' pods cross the underlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// In VXLAN, between the nodes' underlay addresses: any underlay that carries UDP between
+    /// them will do (Flannel's vxlan backend).
+    Tunnel,
+    /// Unencapsulated, to the owning node's underlay address as the next hop (Flannel's host-gw,
+    /// Cilium's native routing): the nodes must be neighbours on one segment, pods get the
+    /// underlay's full MTU, and the source of a packet cannot be authenticated (see
+    /// docs/DATAPATH-MODES.md).
+    Native,
+}
+
+/// Who writes the tunnel's headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Encap {
+    /// podwire's programs: `from_pod` pushes them and sends the packet out of the underlay,
+    /// `from_underlay` takes them off and delivers straight into the pod.
+    Bpf,
+    /// The kernel's collect_md VXLAN device, which the programs redirect into and receive from.
+    Device,
 }
 
 /// Where `from_netdev`, the XDP program that drops tunnel packets from hosts that are no node,
@@ -56,7 +95,15 @@ pub struct Overlay {
     pub underlay_mtu: u32,
     /// Whether the underlay is a virtual device (veth, bridge, ...) rather than a NIC's.
     pub underlay_virtual: bool,
-    /// ifindex of [`VXLAN_DEV`], which the programs redirect into.
+    /// ifindex of the underlay interface.
+    pub underlay_ifindex: u32,
+    /// ifindex of [`VXLAN_DEV`], which the programs redirect into (with the device's tunnel, and
+    /// for what the programs' own cannot encapsulate). It exists in every mode: it carries the
+    /// host stack's own tunnel traffic, and with native routing it still takes packets from
+    /// nodes that tunnel (a cluster switching modes node by node).
+    pub device_ifindex: u32,
+    /// ifindex of the link the node's routes to other nodes' pod CIDRs leave by: [`VXLAN_DEV`]
+    /// through a tunnel, the underlay with native routing (via the owning node).
     pub vxlan_ifindex: u32,
 }
 
@@ -66,7 +113,7 @@ impl Overlay {
     pub async fn setup(netlink: &Netlink, config: OverlayConfig) -> Result<Overlay, NetlinkError> {
         let underlay = netlink.address_owner(config.address).await?;
         let underlay_mtu = underlay.mtu.unwrap_or(DEFAULT_MTU);
-        let vxlan_ifindex = netlink
+        let device_ifindex = netlink
             .ensure_vxlan(VxlanDevice {
                 name: VXLAN_DEV,
                 port: config.port,
@@ -78,9 +125,14 @@ impl Overlay {
         Ok(Overlay {
             config,
             underlay_virtual: underlay.kind.is_some(),
+            underlay_ifindex: underlay.index,
+            device_ifindex,
+            vxlan_ifindex: match config.routing {
+                Routing::Tunnel => device_ifindex,
+                Routing::Native => underlay.index,
+            },
             underlay: underlay.name,
             underlay_mtu,
-            vxlan_ifindex,
         })
     }
 
@@ -92,18 +144,28 @@ impl Overlay {
     /// The tunnel as the programs are loaded with it.
     pub fn tunnel(&self) -> Tunnel {
         Tunnel {
-            vxlan_ifindex: self.vxlan_ifindex,
+            vxlan_ifindex: self.device_ifindex,
             vni: self.config.vni,
             port: self.config.port,
             node_address: self.config.address,
         }
     }
+
+    /// How the programs cross the underlay, as they are loaded with it.
+    pub fn crossing(&self) -> Crossing {
+        Crossing {
+            mode: self.config.cross_node(),
+            underlay_ifindex: self.underlay_ifindex,
+        }
+    }
 }
 
 impl Overlay {
-    /// Attaches `from_netdev` to the underlay interface, pinned, where [`UnderlayXdp`] says; a
-    /// restarted agent swaps its program into the pinned link. Returns the mode it runs in,
-    /// `None` when it replaced the program of a pinned link, which keeps its mode.
+    /// Attaches the underlay's programs, pinned: `from_underlay` and `to_underlay` (tc) where
+    /// the mode uses them, detaching them where it does not (an agent restarted in another
+    /// mode), and `from_netdev` (XDP) where [`UnderlayXdp`] says; a restarted agent swaps its
+    /// programs into the pinned links. Returns the mode `from_netdev` runs in, `None` when it
+    /// replaced the program of a pinned link, which keeps its mode.
     pub fn guard_underlay(
         &self,
         datapath: &mut Datapath,
@@ -117,6 +179,17 @@ impl Overlay {
             UnderlayXdp::Generic => XdpMode::Skb,
         };
         let iface = self.underlay.as_str();
+        let mode_uses = |program| match self.config.cross_node() {
+            CrossNode::TunnelDevice => false,
+            CrossNode::TunnelBpf => program == programs::FROM_UNDERLAY,
+            CrossNode::Native => true,
+        };
+        for hook in Hook::underlay(iface) {
+            match mode_uses(hook.program) {
+                true => datapath.attach_pinned(hook, &hook.pin(pins))?,
+                false => podwire_datapath::detach(hook, pins)?,
+            }
+        }
         datapath.attach_from_netdev(iface, &pins.link(programs::FROM_NETDEV, iface), mode)
     }
 }
@@ -133,12 +206,16 @@ pub struct PodMtu {
 }
 
 /// `configured` (the agent's `--mtu`) for both, else the underlay's and what the tunnel leaves
-/// of it, else 1500.
+/// of it (the underlay's for both with native routing, which adds no header), else 1500.
 pub fn pod_mtu(configured: Option<u32>, overlay: Option<&Overlay>) -> PodMtu {
     match (configured, overlay) {
         (Some(mtu), _) => PodMtu {
             local: mtu,
             cluster: mtu,
+        },
+        (None, Some(overlay)) if overlay.config.routing == Routing::Native => PodMtu {
+            local: overlay.underlay_mtu,
+            cluster: overlay.underlay_mtu,
         },
         (None, Some(overlay)) => PodMtu {
             local: overlay.underlay_mtu,
@@ -156,18 +233,60 @@ mod tests {
     use super::*;
 
     fn overlay(underlay_mtu: u32) -> Overlay {
+        overlay_routed(underlay_mtu, Routing::Tunnel)
+    }
+
+    fn overlay_routed(underlay_mtu: u32, routing: Routing) -> Overlay {
         Overlay {
             config: OverlayConfig {
                 address: Ipv4Addr::new(192, 168, 77, 1),
                 vni: 1,
                 port: 4789,
                 underlay_xdp: UnderlayXdp::Auto,
+                routing,
+                encap: Encap::Bpf,
             },
             underlay: "eth0".into(),
             underlay_mtu,
             underlay_virtual: false,
+            underlay_ifindex: 2,
+            device_ifindex: 5,
             vxlan_ifindex: 5,
         }
+    }
+
+    #[test]
+    fn native_routing_gives_pods_the_underlay_mtu_everywhere() {
+        let native = |mtu| overlay_routed(mtu, Routing::Native);
+        let mtu = |local, cluster| PodMtu { local, cluster };
+        assert_eq!(pod_mtu(None, Some(&native(1500))), mtu(1500, 1500));
+        assert_eq!(pod_mtu(None, Some(&native(9000))), mtu(9000, 9000));
+        assert_eq!(pod_mtu(Some(1400), Some(&native(1500))), mtu(1400, 1400));
+    }
+
+    #[test]
+    fn routing_and_encap_choose_the_programs_mode() {
+        let config = |routing, encap| OverlayConfig {
+            routing,
+            encap,
+            ..overlay(1500).config
+        };
+        assert_eq!(
+            config(Routing::Tunnel, Encap::Bpf).cross_node(),
+            CrossNode::TunnelBpf
+        );
+        assert_eq!(
+            config(Routing::Tunnel, Encap::Device).cross_node(),
+            CrossNode::TunnelDevice
+        );
+        assert_eq!(
+            config(Routing::Native, Encap::Bpf).cross_node(),
+            CrossNode::Native
+        );
+        assert_eq!(
+            config(Routing::Native, Encap::Device).cross_node(),
+            CrossNode::Native
+        );
     }
 
     #[test]

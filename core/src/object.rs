@@ -15,8 +15,21 @@ pub mod programs {
     pub const TO_OVERLAY: &str = "to_overlay";
     /// XDP on the underlay interface: everything that arrives from the network.
     pub const FROM_NETDEV: &str = "from_netdev";
-    /// Every program a node attaches, in load order; all tc classifiers but [`FROM_NETDEV`].
-    pub const ALL: [&str; 5] = [FROM_POD, TO_POD, FROM_OVERLAY, TO_OVERLAY, FROM_NETDEV];
+    /// tc ingress of the underlay interface, with the programs' own tunnel or native routing:
+    /// takes tunnel packets apart (or plain ones in) straight into pods.
+    pub const FROM_UNDERLAY: &str = "from_underlay";
+    /// tc egress of the underlay interface, with native routing: what the node's stack routes out.
+    pub const TO_UNDERLAY: &str = "to_underlay";
+    /// Every program a node may attach, in load order; all tc classifiers but [`FROM_NETDEV`].
+    pub const ALL: [&str; 7] = [
+        FROM_POD,
+        TO_POD,
+        FROM_OVERLAY,
+        TO_OVERLAY,
+        FROM_NETDEV,
+        FROM_UNDERLAY,
+        TO_UNDERLAY,
+    ];
     /// `from_overlay` as BPF_PROG_TEST_RUN can run it: the same code, but the sending node's
     /// address comes from `__sk_buff.cb[0]` (in network byte order), as a test run cannot give a
     /// packet tunnel metadata. Never attached.

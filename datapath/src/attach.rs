@@ -148,6 +148,22 @@ impl<'a> Hook<'a> {
         ]
     }
 
+    /// `from_underlay` at ingress and `to_underlay` at egress of the underlay interface.
+    pub fn underlay(iface: &'a str) -> [Hook<'a>; 2] {
+        [
+            Hook {
+                program: programs::FROM_UNDERLAY,
+                iface,
+                direction: TcAttachType::Ingress,
+            },
+            Hook {
+                program: programs::TO_UNDERLAY,
+                iface,
+                direction: TcAttachType::Egress,
+            },
+        ]
+    }
+
     /// Where the link of this hook is pinned below `pins`.
     pub fn pin(&self, pins: &Pins) -> std::path::PathBuf {
         pins.link(self.program, self.iface)
@@ -237,6 +253,38 @@ pub fn remove_severed_links(pins: &Pins) -> Result<Vec<PathBuf>, AttachError> {
         }
     }
     Ok(removed)
+}
+
+/// Detaches `hook` for good (a mode that no longer uses it): unpins its TCX link, or removes
+/// the netlink tc filters of its program on the hook. Nothing to do when the interface, the
+/// qdisc or the attachment is gone.
+pub fn detach(hook: Hook<'_>, pins: &Pins) -> Result<(), AttachError> {
+    Datapath::detach_pinned(&hook.pin(pins))?;
+    if tc_mode() == TcMode::Tcx || nix::net::if_::if_nametoindex(hook.iface).is_err() {
+        return Ok(());
+    }
+    // Without a clsact qdisc the dump fails: nothing is attached.
+    let Ok(filters) = filters(hook) else {
+        return Ok(());
+    };
+    for filter in filters.iter().filter(|f| f.name == hook.program) {
+        SchedClassifierLink::attached(
+            hook.iface,
+            hook.direction,
+            filter.priority,
+            filter.handle,
+            None,
+        )
+        .and_then(|link| link.detach().map_err(io::Error::other))
+        .map_err(|e| AttachError::RemoveFilter {
+            program: hook.program,
+            iface: hook.iface.into(),
+            direction: hook.direction,
+            priority: filter.priority,
+            source: Box::new(ProgramError::from(tc::TcError::IoError(e))),
+        })?;
+    }
+    Ok(())
 }
 
 impl Datapath {

@@ -9,7 +9,9 @@ pub mod bpffs;
 pub mod load;
 pub mod maps;
 
-pub use attach::{attached, remove_severed_links, tcx_supported, AttachError, Hook, TcMode};
+pub use attach::{
+    attached, detach, remove_severed_links, tcx_supported, AttachError, Hook, TcMode,
+};
 pub use aya::programs::xdp::XdpMode;
-pub use load::{Datapath, LoadError, LoadOptions, LogLevel, Logger, MapLayout, Tunnel};
+pub use load::{Crossing, Datapath, LoadError, LoadOptions, LogLevel, Logger, MapLayout, Tunnel};
 pub use maps::{Counters, DatapathMap, DropEvents, Endpoints, MapError, NodeTable};

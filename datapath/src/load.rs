@@ -18,6 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
+use podwire_common::CrossNode;
 use podwire_core::{
     object::{maps, programs},
     pins::Pins,
@@ -133,6 +134,16 @@ pub struct Tunnel {
     pub node_address: Ipv4Addr,
 }
 
+/// How the programs carry other nodes' pods' packets across the underlay, fixed at load time
+/// next to the [`Tunnel`] (which the modes but native use, and native keeps for nodes still
+/// tunnelling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crossing {
+    pub mode: CrossNode,
+    /// ifindex of the underlay interface, where the programs' tunnel and native routing leave.
+    pub underlay_ifindex: u32,
+}
+
 /// How to load the object.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions<'a> {
@@ -177,6 +188,16 @@ impl Datapath {
     /// Loads `object` and every program in it (the verifier runs here). An empty `object` is the
     /// stub of a binary built without it.
     pub fn load(object: &[u8], options: LoadOptions<'_>) -> Result<Datapath, LoadError> {
+        Self::load_crossing(object, options, None)
+    }
+
+    /// [`Datapath::load`] with the programs crossing the underlay as `crossing` says; `None` is
+    /// the VXLAN device (or, without a tunnel, the host stack).
+    pub fn load_crossing(
+        object: &[u8],
+        options: LoadOptions<'_>,
+        crossing: Option<Crossing>,
+    ) -> Result<Datapath, LoadError> {
         if object.is_empty() {
             return Err(LoadError::NoObject);
         }
@@ -197,6 +218,13 @@ impl Datapath {
             .override_global("VNI", &tunnel.vni, true)
             .override_global("VXLAN_PORT", &port, true)
             .override_global("NODE_ADDR", &node_address, true);
+        let (mode, underlay_ifindex) = match crossing {
+            Some(c) => (c.mode as u32, c.underlay_ifindex),
+            None => (CrossNode::TunnelDevice as u32, 0),
+        };
+        loader
+            .override_global("CROSS_NODE", &mode, true)
+            .override_global("UNDERLAY_IFINDEX", &underlay_ifindex, true);
         if let Some(pins) = options.pins {
             crate::bpffs::prepare(pins)?;
             check_pinned_layouts(object, pins)?;

@@ -1,11 +1,20 @@
 //! The overlay's netlink side: the collect_md VXLAN device the programs tunnel through, and the
-//! routes that send the node's own traffic for other nodes' pods into it.
+//! routes that send the node's own traffic for other nodes' pods into it (or, with native
+//! routing, out of the underlay via the owning node).
 
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use ipnet::Ipv4Net;
 use rtnetlink::{
-    packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope},
+    packet_route::{
+        link::InfoKind,
+        route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        },
+    },
     LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
 };
 
@@ -13,6 +22,20 @@ use crate::{
     error::{NetlinkError, Op},
     link::{LinkRef, Netlink},
 };
+
+/// The protocol of the routes podwire writes on the underlay (native routing), which tells them
+/// from the operator's there (`ip route` shows it as `proto 112`).
+const UNDERLAY_PROTOCOL: RouteProtocol = RouteProtocol::Other(112);
+
+/// A route for the node's own traffic to another node's pod CIDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodRoute {
+    /// The pod CIDR.
+    pub dst: Ipv4Net,
+    /// The underlay address of the node owning it: the next hop where the route does not go
+    /// into a tunnel.
+    pub node: Ipv4Addr,
+}
 
 /// A collect_md ("external") VXLAN device.
 #[derive(Clone, Copy, Debug)]
@@ -56,24 +79,35 @@ impl Netlink {
         Ok(index)
     }
 
-    /// Makes the routes out of the link `ifindex` (named `name` in errors) exactly `dsts`, with
-    /// `source` as their preferred source address. Only the difference is written: a route
-    /// already as wanted is left alone (a cluster of thousands of nodes changes one node at a
-    /// time, and each route is a round trip to the kernel).
+    /// Makes the routes out of the link `ifindex` (named `name` in errors) exactly `routes`, with
+    /// `source` as their preferred source address. Over a VXLAN device a route needs no next
+    /// hop (the programs or the device's metadata name the node: link scope); over any other
+    /// link (the underlay, with native routing) it goes via the owning node's address. Only the
+    /// difference is written: a route already as wanted is left alone (a cluster of thousands of
+    /// nodes changes one node at a time, and each route is a round trip to the kernel).
     pub async fn sync_routes(
         &self,
         ifindex: u32,
         name: &str,
         source: Ipv4Addr,
-        dsts: &[Ipv4Net],
+        routes: &[PodRoute],
     ) -> Result<(), NetlinkError> {
-        let wanted: HashSet<Ipv4Net> = dsts.iter().copied().collect();
+        let tunnel = self
+            .link(LinkRef::Index(ifindex))
+            .await?
+            .is_some_and(|link| link.kind == Some(InfoKind::Vxlan));
+        let via = |route: &PodRoute| (!tunnel).then_some(route.node);
+        let wanted: HashMap<Ipv4Net, Option<Ipv4Addr>> =
+            routes.iter().map(|r| (r.dst, via(r))).collect();
         let mut in_place = HashSet::new();
         for route in self
             .ipv4_routes()
             .await?
             .into_iter()
             .filter(|r| r.attributes.contains(&RouteAttribute::Oif(ifindex)))
+            // The VXLAN device is podwire's: every route on it is. On the underlay only those
+            // podwire wrote are (its subnet's, the default route are the operator's).
+            .filter(|r| tunnel || r.header.protocol == UNDERLAY_PROTOCOL)
         {
             let dst = route.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
@@ -82,8 +116,8 @@ impl Netlink {
             let net =
                 dst.and_then(|ip| Ipv4Net::new(ip, route.header.destination_prefix_length).ok());
             let Some(net) = net else { continue };
-            if wanted.contains(&net) {
-                if is_as_wanted(&route, source) {
+            if let Some(via) = wanted.get(&net) {
+                if is_as_wanted(&route, source, *via) {
                     in_place.insert(net);
                 }
                 continue;
@@ -95,13 +129,20 @@ impl Netlink {
                 .await
                 .map_err(Op::DeleteRoute(net).failed())?;
         }
-        for &dst in dsts.iter().filter(|dst| !in_place.contains(dst)) {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        for pod_route in routes.iter().filter(|r| !in_place.contains(&r.dst)) {
+            let dst = pod_route.dst;
+            let builder = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(dst.network(), dst.prefix_len())
                 .output_interface(ifindex)
-                .pref_source(source)
-                .scope(RouteScope::Link)
-                .build();
+                .pref_source(source);
+            let route = match via(pod_route) {
+                Some(gateway) => builder
+                    .gateway(gateway)
+                    .scope(RouteScope::Universe)
+                    .protocol(UNDERLAY_PROTOCOL),
+                None => builder.scope(RouteScope::Link),
+            }
+            .build();
             self.handle()
                 .route()
                 .add(route)
@@ -121,8 +162,17 @@ impl Netlink {
 }
 
 /// Whether `route` (out of the wanted link, to a wanted destination) is what
-/// [`Netlink::sync_routes`] would write: main table, link scope, `source` preferred, no metric.
-fn is_as_wanted(route: &RouteMessage, source: Ipv4Addr) -> bool {
+/// [`Netlink::sync_routes`] would write: main table, link scope without a gateway or universe
+/// scope via `via`, `source` preferred, no metric.
+fn is_as_wanted(route: &RouteMessage, source: Ipv4Addr, via: Option<Ipv4Addr>) -> bool {
+    let gateway = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    });
+    let scope = match via {
+        Some(_) => RouteScope::Universe,
+        None => RouteScope::Link,
+    };
     let table = route
         .attributes
         .iter()
@@ -132,7 +182,8 @@ fn is_as_wanted(route: &RouteMessage, source: Ipv4Addr) -> bool {
         })
         .unwrap_or(u32::from(route.header.table));
     table == u32::from(RouteHeader::RT_TABLE_MAIN)
-        && route.header.scope == RouteScope::Link
+        && route.header.scope == scope
+        && gateway == via
         && route
             .attributes
             .contains(&RouteAttribute::PrefSource(RouteAddress::Inet(source)))

@@ -97,7 +97,44 @@ reasons! {
     PassTunnel = 24, "pass-tunnel", Pass;
     /// Underlay traffic that is not podwire's tunnel, let through untouched (`from_netdev`).
     PassUnderlay = 25, "pass-underlay", Pass;
+    /// Native routing: sent by `from_pod` straight out of the underlay, unencapsulated, toward
+    /// the node owning the destination (`bpf_redirect_neigh`).
+    RedirectNative = 26, "redirect-native", Redirect;
+    /// Native routing: a plain packet from another node's pod, delivered by `from_underlay`
+    /// straight into a pod on this node.
+    RedirectFromNative = 27, "redirect-from-native", Redirect;
+    /// Native routing: a plain packet on the underlay for a pod here whose source claims the
+    /// cluster's pod range but no other node's pod CIDR (this node's own, or a range no node
+    /// owns): no node sends that.
+    DropNativeSpoofed = 28, "drop-native-spoofed", Drop;
+    /// Tunnel written by the programs: `from_pod` pushed the outer Ethernet/IPv4/UDP/VXLAN
+    /// headers and sent it out of the underlay toward the node.
+    RedirectEncap = 29, "redirect-encap", Redirect;
+    /// Tunnel written by the programs: `from_underlay` took the outer headers off a tunnel packet
+    /// from a node and delivered it straight into a pod on this node.
+    RedirectDecap = 30, "redirect-decap", Redirect;
+    /// Native routing: sent out of the underlay by the node's own stack (`to_underlay`); a flow
+    /// from a pod here (a Service it NATed) is recorded so its replies come back through it.
+    PassStackOut = 31, "pass-stack-out", Pass;
 }
+
+/// How packets for other nodes' pods cross the underlay; the programs' `CROSS_NODE`, set at load
+/// time.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrossNode {
+    /// VXLAN through the agent's collect_md device: the kernel encapsulates and decapsulates.
+    TunnelDevice = 0,
+    /// VXLAN written by the programs: `from_pod` encapsulates, `from_underlay` decapsulates.
+    TunnelBpf = 1,
+    /// No encapsulation: plain packets routed to the owning node over the underlay.
+    Native = 2,
+}
+
+/// `__sk_buff.tc_index` of a packet `from_pod` sent out of the underlay itself, so that
+/// `to_underlay` (which runs on it too) tells it from what the node's stack routed there, and
+/// clears it. ("pw")
+pub const TC_INDEX_FROM_POD: u32 = 0x7077;
 
 impl Reason {
     /// Entries in `COUNTERS`: fixed, so adding a reason does not change the map's layout.

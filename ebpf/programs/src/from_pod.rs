@@ -6,8 +6,10 @@
 //!
 //! A packet for another pod on this node is delivered straight into it, unless it answers a flow
 //! the node's stack delivered (a Service kube-proxy NATed), which goes up the stack for its
-//! conntrack to reverse. One for a pod (or the underlay address) of another node goes into the
-//! VXLAN tunnel toward that node; one for the cluster's pod range that no node owns is dropped.
+//! conntrack to reverse. One for a pod (or the underlay address) of another node goes toward that
+//! node as the load-time mode says: into the VXLAN device, encapsulated here and out of the
+//! underlay, or out of the underlay as it is (native routing; see `crossing`). One for the
+//! cluster's pod range that no node owns is dropped.
 //! Anything else goes up the host stack (masqueraded there when it leaves the node).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -17,14 +19,14 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use podwire_common::{NodeKind, Reason};
+use podwire_common::{CrossNode, NodeKind, Reason};
 
 use crate::{
     counters::verdict,
-    deliver,
+    crossing, deliver,
     flows::{self, Path},
     frame::Frame,
-    maps::{endpoint_of, node_of},
+    maps::{cross_node_is, endpoint_of, node_of},
     parse::{header, ipv4},
     tunnel, Outcome, DROP_MALFORMED, TC_OK, TC_SHOT,
 };
@@ -132,6 +134,22 @@ fn from_pod_ipv4(ctx: &TcContext, eth: &EthHdr, ip: &Ipv4Hdr) -> Result<Outcome,
         match node.kind() {
             Some(NodeKind::Local) => return Err((Reason::DropNoEndpoint, TC_SHOT)),
             Some(NodeKind::NoNode) | None => return Err((Reason::DropNoNode, TC_SHOT)),
+            Some(NodeKind::Remote) if cross_node_is(CrossNode::Native) => {
+                return Ok((
+                    Reason::RedirectNative,
+                    crossing::redirect_native(ctx, &node),
+                ));
+            }
+            Some(NodeKind::Remote) if cross_node_is(CrossNode::TunnelBpf) => {
+                if crossing::encapsulate(ctx, &node, ip.tos).is_ok() {
+                    return Ok((Reason::RedirectEncap, crossing::redirect_tunnel()));
+                }
+                // What the kernel would not let the program encapsulate (a UDP GSO packet, one
+                // already encapsulated) goes through the device instead, unchanged.
+                return tunnel::redirect_to(ctx, &node)
+                    .map(|action| (Reason::RedirectOverlay, action))
+                    .map_err(|_| (Reason::DropEncapFailed, TC_SHOT));
+            }
             Some(NodeKind::Remote) if tunnel::enabled() => {
                 debug!(
                     ctx,

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, HashMap, LpmTrie},
     Global,
 };
-use podwire_common::{Endpoint, EndpointKey, NodeEntry, MAX_ENDPOINTS, MAX_NODES};
+use podwire_common::{CrossNode, Endpoint, EndpointKey, NodeEntry, MAX_ENDPOINTS, MAX_NODES};
 
 /// Pods on this node by IPv4 address: their host-side veth and MACs.
 #[map]
@@ -19,6 +19,16 @@ pub static NODES_V1: LpmTrie<[u8; 4], NodeEntry> = LpmTrie::with_max_entries(MAX
 /// ifindex of the agent's collect_md VXLAN device; 0 without an overlay. Set at load time.
 #[unsafe(no_mangle)]
 pub static VXLAN_IFINDEX: Global<u32> = Global::new(0);
+
+/// How packets for other nodes' pods cross the underlay: `CrossNode as u32`. Set at load time,
+/// so the verifier walks only the chosen mode's paths.
+#[unsafe(no_mangle)]
+pub static CROSS_NODE: Global<u32> = Global::new(CrossNode::TunnelDevice as u32);
+
+/// ifindex of the underlay interface (the one holding the node's address), where the tunnel
+/// written by the programs and native routing leave; 0 without an overlay. Set at load time.
+#[unsafe(no_mangle)]
+pub static UNDERLAY_IFINDEX: Global<u32> = Global::new(0);
 
 /// VXLAN network identifier of the cluster's tunnel. Set at load time.
 #[unsafe(no_mangle)]
@@ -46,4 +56,10 @@ pub fn endpoint_of(addr: &[u8; 4]) -> Option<&'static Endpoint> {
 #[inline(always)]
 pub fn node_of(addr: [u8; 4]) -> Option<NodeEntry> {
     NODES_V1.get(Key::new(32, addr)).copied()
+}
+
+/// Whether the load-time mode is `mode`.
+#[inline(always)]
+pub fn cross_node_is(mode: CrossNode) -> bool {
+    CROSS_NODE.load() == mode as u32
 }

@@ -54,6 +54,12 @@ or on loopback, its own address otherwise. */}}
 {{- if or (lt $port 1) (gt $port 65535) -}}
 {{- fail (printf "vxlanPort %v: a UDP port is 1 to 65535" .Values.vxlanPort) -}}
 {{- end -}}
+{{- if not (has (toString .Values.routing) (list "tunnel" "native")) -}}
+{{- fail (printf "routing %v: tunnel or native" .Values.routing) -}}
+{{- end -}}
+{{- if not (has (toString .Values.encap) (list "bpf" "device")) -}}
+{{- fail (printf "encap %v: bpf or device" .Values.encap) -}}
+{{- end -}}
 {{- $mtu := int64 .Values.mtu -}}
 {{- if and (ne $mtu 0) (or (lt $mtu 576) (gt $mtu 65535)) -}}
 {{- fail (printf "mtu %v: 0 (derived on each node) or 576 to 65535" .Values.mtu) -}}
