@@ -235,7 +235,7 @@ impl Agent {
     /// Puts the wired veth pair of an allocated attachment into the datapath and records it.
     /// The pair must be the attachment's own: its host side named as the agent derives it from
     /// the attachment, and a veth. If any step fails, nothing of it is left wired.
-    pub fn register(
+    pub async fn register(
         &mut self,
         attachment: &Attachment,
         veth: VethPair,
@@ -245,7 +245,7 @@ impl Agent {
             .get(attachment)
             .cloned()
             .ok_or_else(|| LifecycleError::NotAllocated(attachment.clone()))?;
-        its_own_veth(attachment, &veth)?;
+        its_own_veth(&self.netlink, attachment, &veth).await?;
         if record.veth.as_ref() == Some(&veth) {
             // Registered with this very pair already: this agent's program swapped in, nothing
             // undone if that fails (the pod is live).
@@ -424,7 +424,11 @@ fn unpin_severed_links(pins: &Pins) {
 /// Checks that `veth`, named in a Register of `attachment`, is the attachment's own: a Register
 /// naming the node's uplink would put `from_pod` on it, which drops the node's traffic as
 /// spoofed.
-fn its_own_veth(attachment: &Attachment, veth: &VethPair) -> Result<(), LifecycleError> {
+async fn its_own_veth(
+    netlink: &Netlink,
+    attachment: &Attachment,
+    veth: &VethPair,
+) -> Result<(), LifecycleError> {
     let want = attachment.host_ifname();
     if veth.host_ifname != want {
         return Err(LifecycleError::NotItsVeth {
@@ -433,7 +437,7 @@ fn its_own_veth(attachment: &Attachment, veth: &VethPair) -> Result<(), Lifecycl
             want,
         });
     }
-    match Netlink::link_blocking(LinkRef::Name(&want))? {
+    match netlink.link(LinkRef::Name(&want)).await? {
         None => Err(LifecycleError::NoSuchVeth {
             attachment: attachment.clone(),
             name: want,

@@ -252,7 +252,7 @@ async fn handle(agent: &mut Agent, request: Request) -> Result<Reply, ApiError> 
                 host_mac,
                 pod_mac,
             };
-            agent.register(&attachment, veth)?;
+            agent.register(&attachment, veth).await?;
             Reply::Registered
         }
         Request::Release { attachment } => Reply::Released {

@@ -273,9 +273,11 @@ fn add_result(
 
 async fn del(conf: &NetConf) -> Result<(), CniError> {
     let attachment = config::attachment("DEL")?;
-    // The netns may already be gone; the host-side veth is all DEL needs to remove.
+    // The netns may already be gone; the host-side veth is all DEL needs to remove. DEL is
+    // done with it once it has left the node and the pod (its names free for the next ADD),
+    // not once the kernel has finished freeing it.
     Netlink::connect()?
-        .delete_link(&attachment.host_ifname())
+        .delete_link_unlisted(&attachment.host_ifname())
         .await?;
     fault::point("cni.del.after-veth-delete").map_err(injected)?;
     // Unreachable agent: "try again later", so the runtime retries and the address is released.

@@ -38,6 +38,14 @@ pub enum NetlinkError {
         #[source]
         source: io::Error,
     },
+    /// Deleting a link from a process of its own failed, or the link did not leave the
+    /// namespace in time.
+    #[error("deleting link {name}")]
+    Delete {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
     /// No interface of the namespace holds the address.
     #[error("no interface in this network namespace holds {0}")]
     NoAddress(Ipv4Addr),

@@ -125,24 +125,6 @@ impl Netlink {
         }
     }
 
-    /// The link `which` in the calling thread's namespace, for a caller that cannot await (it
-    /// may itself run on an async runtime): looked up on a thread of its own, with a connection
-    /// of its own.
-    pub fn link_blocking(which: LinkRef<'_>) -> Result<Option<Link>, NetlinkError> {
-        std::thread::scope(|s| {
-            // A new thread starts in its creator's network namespace.
-            s.spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()
-                    .map_err(NetlinkError::Socket)?;
-                runtime.block_on(async { Netlink::connect()?.link(which).await })
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-
     /// The link named `name`, which must exist.
     pub async fn existing_link(&self, name: &str) -> Result<Link, NetlinkError> {
         self.link(LinkRef::Name(name))
@@ -159,6 +141,22 @@ impl Netlink {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
             other => other.map_err(Op::DeleteLink(name.to_owned()).failed()),
         }
+    }
+
+    /// Deletes the link named `name` as [`Netlink::delete_link`] does, but returns once it has
+    /// left the namespace (no lookup finds it, its name is free for a new link), not once the
+    /// kernel has torn it down: a veth's deletion goes on for tens of milliseconds after that,
+    /// waiting for RCU grace periods, and nothing of the link is visible meanwhile. A child
+    /// process sends the deletion and waits for it; this one watches the link go, and fails if
+    /// the kernel refuses the deletion. The child holds none of this process's standard streams,
+    /// so a runtime waiting for those to close does not wait for it.
+    ///
+    /// Forks: only for a process with one thread (the CNI plugin's).
+    pub async fn delete_link_unlisted(&self, name: &str) -> Result<(), NetlinkError> {
+        let Some(found) = self.link(LinkRef::Name(name)).await? else {
+            return Ok(());
+        };
+        unlist::delete(found.index, name)
     }
 
     /// The interface holding `address`.
@@ -199,6 +197,160 @@ impl Netlink {
 
     pub(crate) fn handle(&self) -> &Handle {
         &self.handle
+    }
+}
+
+/// [`Netlink::delete_link_unlisted`]'s deletion by a child process.
+mod unlist {
+    use std::{
+        fs::File,
+        io,
+        os::fd::{AsRawFd as _, OwnedFd},
+        time::{Duration, Instant},
+    };
+
+    use nix::{
+        fcntl::OFlag,
+        unistd::{fork, pipe2, ForkResult},
+    };
+
+    use crate::error::NetlinkError;
+
+    /// How long the link may take to leave the namespace: the kernel's rtnl lock, which every
+    /// link change on the node takes, may be busy.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// How often the parent looks whether the link is gone.
+    const POLL: Duration = Duration::from_micros(200);
+
+    /// Deletes the link `index` (named `name`) from a child process; returns once it is gone
+    /// from the namespace.
+    pub(super) fn delete(index: u32, name: &str) -> Result<(), NetlinkError> {
+        let failed = |source: io::Error| NetlinkError::Delete {
+            name: name.to_owned(),
+            source,
+        };
+        let devnull = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(failed)?;
+        let (answer, answer_tx) =
+            pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| failed(e.into()))?;
+        // SAFETY: the caller has one thread, so the child's copy holds no lock another thread
+        // took; it makes system calls on its stack's buffers and exits without unwinding.
+        match unsafe { fork() }.map_err(|e| failed(e.into()))? {
+            ForkResult::Child => {
+                for fd in 0..=2 {
+                    // SAFETY: replacing the standard streams with /dev/null, open above.
+                    unsafe { libc::dup2(devnull.as_raw_fd(), fd) };
+                }
+                let errno = request_delete(index);
+                // SAFETY: a write of a local buffer to the pipe, then leaving at once.
+                unsafe {
+                    libc::write(
+                        answer_tx.as_raw_fd(),
+                        errno.to_ne_bytes().as_ptr().cast(),
+                        4,
+                    );
+                    libc::_exit(0)
+                }
+            }
+            ForkResult::Parent { .. } => {}
+        }
+        drop(answer_tx);
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match child_answer(&answer) {
+                // Deleted (by the child or by someone else meanwhile).
+                Some(0 | libc::ENODEV) => return Ok(()),
+                Some(errno) => return Err(failed(io::Error::from_raw_os_error(errno))),
+                None => {}
+            }
+            if !listed(index) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(failed(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("still there after {}s", TIMEOUT.as_secs()),
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The errno the child reports (0: deleted), if it has; `EIO` if it died without one.
+    fn child_answer(answer: &OwnedFd) -> Option<i32> {
+        let mut buf = [0u8; 4];
+        match nix::unistd::read(answer.as_raw_fd(), &mut buf) {
+            Ok(4) => Some(i32::from_ne_bytes(buf)),
+            Ok(_) => Some(libc::EIO),
+            Err(_) => None,
+        }
+    }
+
+    /// Whether the link `index` is still in this namespace.
+    fn listed(index: u32) -> bool {
+        let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: the buffer has the IF_NAMESIZE bytes if_indextoname writes at most.
+        !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null()
+    }
+
+    /// RTM_DELLINK of the link `index` on a netlink socket of its own, without allocating (it
+    /// runs in the forked child); the kernel's errno, 0 once deleted.
+    fn request_delete(index: u32) -> i32 {
+        const HEADER: usize = 16;
+        const LEN: usize = HEADER + 16;
+        let mut request = [0u8; LEN];
+        request[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
+        request[4..6].copy_from_slice(&libc::RTM_DELLINK.to_ne_bytes());
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+        request[6..8].copy_from_slice(&flags.to_ne_bytes());
+        request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        // struct ifinfomsg: family AF_UNSPEC, then the index at offset 4.
+        request[HEADER + 4..HEADER + 8].copy_from_slice(&index.to_ne_bytes());
+        let errno = || {
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        };
+        // SAFETY: system calls on a socket this function owns and on local buffers.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            );
+            if fd < 0 {
+                return errno();
+            }
+            let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
+            kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            let sent = libc::sendto(
+                fd,
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                std::ptr::from_ref(&kernel).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            );
+            if sent < 0 {
+                return errno();
+            }
+            // The acknowledgement: NLMSG_ERROR with the (negative) errno after the header.
+            let mut ack = [0u8; 256];
+            let got = libc::recv(fd, ack.as_mut_ptr().cast(), ack.len(), 0);
+            if got < (HEADER + 4) as isize {
+                return libc::EIO;
+            }
+            let kind = u16::from_ne_bytes([ack[4], ack[5]]);
+            if kind != libc::NLMSG_ERROR as u16 {
+                return libc::EIO;
+            }
+            let error = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
+            -error
+        }
     }
 }
 

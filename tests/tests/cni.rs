@@ -373,7 +373,13 @@ fn del_then_add_again_reuses_no_stale_state() -> Result<()> {
 
     let del = node.cni_pod("DEL", "c-cycle", Some(&first.ns))?;
     assert!(del.success && del.stdout.is_empty(), "DEL: {del:?}");
+    // Gone from the node and the pod as DEL answers, though the kernel may still be freeing it.
     assert!(!node.host_veths()?.contains(&first_veth), "veth removed");
+    assert_eq!(
+        first.ns.link_names(&[])?,
+        ["lo"],
+        "the pod's eth0 went with it"
+    );
     assert!(
         node.endpoints()?.iter().all(|(ip, _)| *ip != first.ip),
         "map entry removed"
@@ -396,6 +402,19 @@ fn del_then_add_again_reuses_no_stale_state() -> Result<()> {
     );
     assert!(ping(&first.ns, peer.ip)?, "re-added pod reaches its peer");
     assert!(ping(&peer.ns, ip)?, "peer reaches the re-added pod");
+
+    // DEL and ADD of one attachment in one netns in quick succession.
+    for _ in 0..10 {
+        node.del_pod(&first)?;
+        let again = node.cni_pod("ADD", "c-cycle", Some(&first.ns))?;
+        assert!(again.success, "ADD right after DEL: {again:?}");
+    }
+    let ip = pod_ip(
+        &node
+            .cni_pod("ADD", "c-cycle", Some(&first.ns))?
+            .expect_success()?,
+    )?;
+    assert!(ping(&peer.ns, ip)?, "peer reaches the pod added last");
 
     // A second container after the first's DEL.
     node.del_pod(&first)?;
