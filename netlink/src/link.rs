@@ -205,23 +205,23 @@ mod unlist {
     use std::{
         fs::File,
         io,
-        os::fd::{AsRawFd as _, OwnedFd},
-        time::{Duration, Instant},
+        os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+        time::Duration,
     };
 
     use nix::{
         fcntl::OFlag,
+        poll::{poll, PollFd, PollFlags, PollTimeout},
         unistd::{fork, pipe2, ForkResult},
     };
 
     use crate::error::NetlinkError;
 
-    /// How long the link may take to leave the namespace: the kernel's rtnl lock, which every
-    /// link change on the node takes, may be busy.
-    const TIMEOUT: Duration = Duration::from_secs(10);
-
-    /// How often the parent looks whether the link is gone.
-    const POLL: Duration = Duration::from_micros(200);
+    /// How long the parent first waits for the child before it looks whether the link is gone;
+    /// doubled each time up to [`LAST_PAUSE`], so hundreds of DELs at once waiting for a busy
+    /// rtnl lock do not take the CPUs from it.
+    const FIRST_PAUSE: Duration = Duration::from_millis(1);
+    const LAST_PAUSE: Duration = Duration::from_millis(5);
 
     /// Deletes the link `index` (named `name`) from a child process; returns once it is gone
     /// from the namespace.
@@ -259,29 +259,31 @@ mod unlist {
             ForkResult::Parent { .. } => {}
         }
         drop(answer_tx);
-        let deadline = Instant::now() + TIMEOUT;
+        // No deadline of its own: the deletion waits for the node's rtnl lock, as any netlink
+        // request does, and the runtime bounds how long DEL may take.
+        let mut pause = FIRST_PAUSE;
         loop {
-            match child_answer(&answer) {
-                // Deleted (by the child or by someone else meanwhile).
+            let answered = child_answer(&answer, pause);
+            let gone = !listed(index);
+            match answered {
+                // Deleted (by the child, or by someone else meanwhile).
                 Some(0 | libc::ENODEV) => return Ok(()),
+                Some(_) if gone => return Ok(()),
                 Some(errno) => return Err(failed(io::Error::from_raw_os_error(errno))),
-                None => {}
+                None if gone => return Ok(()),
+                None => pause = (pause * 2).min(LAST_PAUSE),
             }
-            if !listed(index) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(failed(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("still there after {}s", TIMEOUT.as_secs()),
-                )));
-            }
-            std::thread::sleep(POLL);
         }
     }
 
-    /// The errno the child reports (0: deleted), if it has; `EIO` if it died without one.
-    fn child_answer(answer: &OwnedFd) -> Option<i32> {
+    /// The errno the child reports (0: deleted) within `wait`, if it does; `EIO` if it died
+    /// without one.
+    fn child_answer(answer: &OwnedFd, wait: Duration) -> Option<i32> {
+        let mut fds = [PollFd::new(answer.as_fd(), PollFlags::POLLIN)];
+        let wait = PollTimeout::try_from(wait.as_millis().max(1)).unwrap_or(PollTimeout::MAX);
+        if !matches!(poll(&mut fds, wait), Ok(1..)) {
+            return None;
+        }
         let mut buf = [0u8; 4];
         match nix::unistd::read(answer.as_raw_fd(), &mut buf) {
             Ok(4) => Some(i32::from_ne_bytes(buf)),
