@@ -265,13 +265,20 @@ fn spawn_in(
             .map(|mut cmd| -> Result<Child> {
                 let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
                 if let Some(input) = input {
-                    // Smaller than a pipe's buffer: written at once, closed when dropped here.
-                    child
+                    // Smaller than a pipe's buffer: written at once, closed when dropped here. A
+                    // process that exits without reading it (the reference plugins answering
+                    // VERSION may) closes the pipe: its exit status tells how it went.
+                    let written = child
                         .stdin
                         .take()
                         .context("stdin is not piped")?
-                        .write_all(input)
-                        .with_context(|| format!("writing to {cmd:?}"))?;
+                        .write_all(input);
+                    match written {
+                        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                            return Err(e).with_context(|| format!("writing to {cmd:?}"));
+                        }
+                        _ => {}
+                    }
                 }
                 Ok(child)
             })
@@ -377,7 +384,7 @@ impl Plugin {
 }
 
 /// Fails unless the plugin exited 0 and, for ADD, printed a result whose address the pod's
-/// `eth0` holds (checked after the clock stopped).
+/// `eth0` holds, for DEL, left the pod without `eth0` (checked after the clock stopped).
 fn checked(
     label: &str,
     command: &str,
@@ -404,6 +411,15 @@ fn checked(
         ensure!(
             shown.split_whitespace().any(|word| word == address),
             "{label} ADD {container_id} answered {address}, but the pod's eth0 has: {shown}"
+        );
+    }
+    if command == "DEL" {
+        // Answered means done: a DEL that returned while the pod still had its interface would
+        // be measured short.
+        let links = pod.link_names(&[])?;
+        ensure!(
+            !links.iter().any(|l| l == "eth0"),
+            "{label} DEL {container_id} returned, but the pod still has eth0: {links:?}"
         );
     }
     Ok(())
