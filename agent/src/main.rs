@@ -124,13 +124,14 @@ struct Args {
     /// How packets for other nodes' pods cross the underlay: in a VXLAN tunnel (tunnel), or
     /// unencapsulated, routed via the owning node's address (native: the nodes must share one
     /// segment, and a pod address on it cannot be authenticated; see docs/DATAPATH-MODES.md).
-    #[arg(long, value_enum, default_value_t = Routing::Tunnel)]
+    #[arg(long, env = "PODWIRE_ROUTING", value_enum, default_value_t = Routing::Tunnel)]
     routing: Routing,
 
     /// Who writes the tunnel's headers with --routing tunnel: podwire's programs (bpf: pushed
-    /// in `from_pod`, taken off at the underlay's tc ingress straight into the pod) or the
-    /// kernel's collect_md VXLAN device (device). Both speak the same VXLAN.
-    #[arg(long, value_enum, default_value_t = Encap::Device)]
+    /// in `from_pod`, taken off at the underlay's tc ingress straight into the pod; the default,
+    /// it measured better) or the kernel's collect_md VXLAN device (device). Both speak the same
+    /// VXLAN.
+    #[arg(long, env = "PODWIRE_ENCAP", value_enum, default_value_t = Encap::Bpf)]
     encap: Encap,
 
     /// Pod MTU; by default the underlay interface's MTU less the VXLAN overhead (50 bytes) for

@@ -171,20 +171,20 @@ fn pods_exchange_traffic_across_nodes(mode: Mode) -> Result<()> {
         assert_eq!(node.counter(Reason::RedirectFromOverlay)?.packets, 0);
     }
     let pods = "net 10.244.0.0/16";
-    // Coalesced (GSO) packets cross the veth underlay whole: far fewer than the segments, and
-    // the counters above tell the volume; the capture tells the shape.
+    // Coalesced (GSO) packets cross the veth underlay whole, and a busy machine's tcpdump loses
+    // some: the counters above tell the volume, the capture tells the shape of what crossed.
     let tunnel = capture.count("udp dst port 4789")?;
     match mode {
         Mode::Native => {
             assert_eq!(tunnel, 0, "no tunnel on the underlay");
             let plain = capture.count("src net 10.244.1.0/24 and dst net 10.244.2.0/24")?;
             assert!(
-                plain >= 10,
+                plain > 0,
                 "pod packets on the underlay as they are: {plain}"
             );
         }
         Mode::BpfEncap => {
-            assert!(tunnel >= 10, "tunnel packets on the underlay: {tunnel}");
+            assert!(tunnel > 0, "tunnel packets on the underlay: {tunnel}");
             let nodes = "src net 192.168.77.0/24 and dst net 192.168.77.0/24";
             let vni = format!("udp[8:4] = 0x08000000 and udp[12:4] = {:#x}", VNI << 8);
             assert_eq!(

@@ -70,6 +70,11 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// starts agents (each through the verifier) several times and runs its traffic for a minute or
 /// two. Beyond this the VM is stuck.
 const TIMEOUT: Duration = Duration::from_secs(480);
+/// The agent's environment variables for its datapath mode (`--routing`, `--encap`) that the
+/// VM's init passes on from xtask's own environment, e.g.
+/// `PODWIRE_ENCAP=bpf cargo xtask vm-verify`.
+const AGENT_ENV: [&str; 2] = ["PODWIRE_ROUTING", "PODWIRE_ENCAP"];
+
 /// Printed by the VM's init around podwire-verify's output.
 const START: &str = "podwire-vm: running podwire-verify";
 const EXIT: &str = "podwire-vm: podwire-verify exited with ";
@@ -412,9 +417,25 @@ fn initramfs(dir: &Path, bins: &StaticBins, modules: &[PathBuf]) -> Result<PathB
     // procfs for the kernel release and sysctls, sysfs for the kernel's BTF, CPU list and
     // /sys/fs/bpf, where the agents mount bpffs. The modules load after START so that their
     // errors are echoed. PATH for the agents' nft. Powering off makes qemu exit (-no-reboot).
+    // The agents' datapath mode (--routing, --encap) as xtask's environment names it, so a run
+    // can put another mode's programs through the 6.1 verifier (the programs are loaded with
+    // their mode fixed, and the verifier skips the other modes' paths).
+    // Without one, the VXLAN device: podwire-verify's cluster check counts the device's reasons
+    // (redirect-overlay, redirect-from-overlay) as proof that the tunnel carried the streams.
+    let agent_env: String = AGENT_ENV
+        .iter()
+        .filter_map(|var| match (std::env::var(var), *var) {
+            (Ok(value), _) => Some((var, value)),
+            (Err(_), "PODWIRE_ENCAP") => Some((var, "device".to_owned())),
+            (Err(_), _) => None,
+        })
+        .filter(|(_, value)| value.chars().all(|c| c.is_ascii_alphanumeric()))
+        .map(|(var, value)| format!("export {var}={value}\n"))
+        .collect();
     let init = format!(
         "#!/bin/busybox sh\n\
          export PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+         {agent_env}\
          /bin/busybox mount -t proc proc /proc\n\
          /bin/busybox mount -t sysfs sysfs /sys\n\
          echo '{START}'\n\
