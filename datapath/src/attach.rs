@@ -168,12 +168,32 @@ impl<'a> Hook<'a> {
     pub fn pin(&self, pins: &Pins) -> std::path::PathBuf {
         pins.link(self.program, self.iface)
     }
+
+    /// Whether this hook is on a pod's veth, attached once per pod (rather than on one of the
+    /// node's devices, attached once per node).
+    fn per_pod(&self) -> bool {
+        self.program == programs::FROM_POD || self.program == programs::TO_POD
+    }
+
+    /// How this process attaches this hook: [`TC_ATTACH_ENV`], else by kernel and kind of hook.
+    pub fn mode(&self) -> TcMode {
+        let kernel_has_tcx =
+            KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let env = std::env::var(TC_ATTACH_ENV).ok();
+        tc_mode_of(env.as_deref(), kernel_has_tcx, self.per_pod()).unwrap_or_else(|other| {
+            log::warn!(
+                "{TC_ATTACH_ENV}={other:?} is none of netlink, tcx, auto: choosing by kernel"
+            );
+            tc_mode_of(None, kernel_has_tcx, self.per_pod()).expect("no value is always known")
+        })
+    }
 }
 
 /// The environment variable that chooses how tc programs are attached: `netlink` forces netlink
-/// tc filters (what kernels before 6.6 have; for testing that path on a newer kernel, or to work
-/// around a TCX problem), `tcx` forces TCX links, `auto` (or unset) takes TCX where the kernel has
-/// it. An operator knob: every process of a node must see the same value.
+/// tc filters everywhere (what kernels before 6.6 have; for testing that path on a newer kernel,
+/// or to work around a TCX problem), `tcx` forces TCX links everywhere, `auto` (or unset) takes
+/// netlink tc filters for pods' veths and TCX for the node's devices where the kernel has it
+/// (see [`tc_mode_of`]). An operator knob: every process of a node must see the same value.
 pub const TC_ATTACH_ENV: &str = "PODWIRE_TC_ATTACH";
 
 /// Priority of podwire's netlink tc filters: first on the hook, before any other filter.
@@ -191,32 +211,35 @@ pub enum TcMode {
     Netlink,
 }
 
-/// The mode [`TC_ATTACH_ENV`] set to `env` chooses on a kernel that has TCX or not; `Err` names
-/// a value it does not know.
-pub fn tc_mode_of(env: Option<&str>, kernel_has_tcx: bool) -> Result<TcMode, String> {
+/// The mode [`TC_ATTACH_ENV`] set to `env` chooses on a kernel that has TCX or not, for a hook on
+/// a pod's veth (`per_pod`) or on a node's device; `Err` names a value it does not know.
+///
+/// Left to choose, pods' veths get netlink tc filters even where TCX exists: a TCX attach waits
+/// for an RCU grace period under the rtnl lock (`tcx_entry_sync()` in `tcx_prog_attach` and the
+/// link's attach, kernel 6.6, commit e420bed02507), 9 to 24 ms per hook on a busy 2-vCPU node,
+/// which made the two attaches 70% of a CNI ADD and serialised every pod's ADD (and every other
+/// link change of the node) behind them. A filter on a veth podwire created and alone uses loses
+/// nothing TCX would give it; the node's devices, attached once, keep TCX's links.
+pub fn tc_mode_of(
+    env: Option<&str>,
+    kernel_has_tcx: bool,
+    per_pod: bool,
+) -> Result<TcMode, String> {
     match env.map(str::trim) {
         Some("netlink") => Ok(TcMode::Netlink),
         Some("tcx") => Ok(TcMode::Tcx),
-        None | Some("" | "auto") if kernel_has_tcx => Ok(TcMode::Tcx),
+        None | Some("" | "auto") if kernel_has_tcx && !per_pod => Ok(TcMode::Tcx),
         None | Some("" | "auto") => Ok(TcMode::Netlink),
         Some(other) => Err(other.to_owned()),
     }
 }
 
-/// How this process attaches tc programs: [`TC_ATTACH_ENV`], else TCX where the kernel has it.
-pub fn tc_mode() -> TcMode {
-    let kernel_has_tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-    let env = std::env::var(TC_ATTACH_ENV).ok();
-    tc_mode_of(env.as_deref(), kernel_has_tcx).unwrap_or_else(|other| {
-        log::warn!("{TC_ATTACH_ENV}={other:?} is none of netlink, tcx, auto: choosing by kernel");
-        tc_mode_of(None, kernel_has_tcx).expect("no value is always known")
-    })
-}
-
-/// Whether tc programs are attached through TCX links (pinned), not netlink filters: kernels from
-/// 6.6, unless [`TC_ATTACH_ENV`] says otherwise.
+/// Whether the node's devices get their tc programs through TCX links (pinned), not netlink
+/// filters: kernels from 6.6, unless [`TC_ATTACH_ENV`] says otherwise.
 pub fn tcx_supported() -> bool {
-    tc_mode() == TcMode::Tcx
+    Hook::overlay("")
+        .iter()
+        .all(|hook| hook.mode() == TcMode::Tcx)
 }
 
 /// Whether `hook` has its program attached, as pinned below `pins`: with TCX, a link pinned for
@@ -227,7 +250,7 @@ pub fn attached(hook: Hook<'_>, pins: &Pins) -> Result<bool, AttachError> {
     let Ok(ifindex) = nix::net::if_::if_nametoindex(hook.iface) else {
         return Ok(false);
     };
-    match tc_mode() {
+    match hook.mode() {
         TcMode::Tcx => Ok(pinned(&hook.pin(pins))? == Pinned::Device(ifindex)),
         TcMode::Netlink => Ok(filters(hook)?.iter().any(|f| f.name == hook.program)),
     }
@@ -260,7 +283,7 @@ pub fn remove_severed_links(pins: &Pins) -> Result<Vec<PathBuf>, AttachError> {
 /// qdisc or the attachment is gone.
 pub fn detach(hook: Hook<'_>, pins: &Pins) -> Result<(), AttachError> {
     Datapath::detach_pinned(&hook.pin(pins))?;
-    if tc_mode() == TcMode::Tcx || nix::net::if_::if_nametoindex(hook.iface).is_err() {
+    if hook.mode() == TcMode::Tcx || nix::net::if_::if_nametoindex(hook.iface).is_err() {
         return Ok(());
     }
     // Without a clsact qdisc the dump fails: nothing is attached.
@@ -305,7 +328,7 @@ impl Datapath {
     /// swaps it under RCU). Filters of the same program that earlier agents left elsewhere on the
     /// hook are removed after, and so is a TCX link pinned at `pin`.
     pub fn attach_pinned(&mut self, hook: Hook<'_>, pin: &Path) -> Result<(), AttachError> {
-        if tc_mode() == TcMode::Netlink {
+        if hook.mode() == TcMode::Netlink {
             self.replace_filter(hook)?;
             return Datapath::detach_pinned(pin);
         }
@@ -460,7 +483,7 @@ impl Datapath {
 
     /// Attaches `hook` in this process's mode; the link detaches when dropped.
     fn attach_link(&mut self, hook: Hook<'_>) -> Result<SchedClassifierLink, AttachError> {
-        let options = match tc_mode() {
+        let options = match hook.mode() {
             TcMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
             TcMode::Netlink => {
                 add_clsact(hook.iface)?;
@@ -734,21 +757,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_tc_mode_follows_the_kernel_unless_the_environment_says_otherwise() {
-        for (env, tcx_kernel, mode) in [
-            (None, true, Ok(TcMode::Tcx)),
-            (None, false, Ok(TcMode::Netlink)),
-            (Some("auto"), true, Ok(TcMode::Tcx)),
-            (Some(""), false, Ok(TcMode::Netlink)),
-            (Some("netlink"), true, Ok(TcMode::Netlink)),
-            (Some(" netlink\n"), true, Ok(TcMode::Netlink)),
-            (Some("tcx"), false, Ok(TcMode::Tcx)),
-            (Some("legacy"), true, Err("legacy".to_owned())),
+    fn the_tc_mode_follows_kernel_and_hook_unless_the_environment_says_otherwise() {
+        for (env, tcx_kernel, per_pod, mode) in [
+            (None, true, false, Ok(TcMode::Tcx)),
+            (None, true, true, Ok(TcMode::Netlink)),
+            (None, false, false, Ok(TcMode::Netlink)),
+            (None, false, true, Ok(TcMode::Netlink)),
+            (Some("auto"), true, false, Ok(TcMode::Tcx)),
+            (Some("auto"), true, true, Ok(TcMode::Netlink)),
+            (Some(""), false, false, Ok(TcMode::Netlink)),
+            (Some("netlink"), true, false, Ok(TcMode::Netlink)),
+            (Some(" netlink\n"), true, false, Ok(TcMode::Netlink)),
+            (Some("tcx"), false, true, Ok(TcMode::Tcx)),
+            (Some("tcx"), true, true, Ok(TcMode::Tcx)),
+            (Some("legacy"), true, false, Err("legacy".to_owned())),
         ] {
             assert_eq!(
-                tc_mode_of(env, tcx_kernel),
+                tc_mode_of(env, tcx_kernel, per_pod),
                 mode,
-                "{env:?} on TCX {tcx_kernel}"
+                "{env:?} on TCX {tcx_kernel}, per pod {per_pod}"
             );
         }
     }

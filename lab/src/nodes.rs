@@ -165,9 +165,31 @@ impl Node {
         Ok(log)
     }
 
-    /// The kernel's ids of what the agent pinned (see [`PinnedIds`]).
+    /// The kernel's ids of what the agent pinned, and of the programs of its tc filters on the
+    /// pods' veths (see [`PinnedIds`]).
     pub fn pinned_ids(&self) -> Result<PinnedIds> {
-        PinnedIds::read(&self.pins())
+        let mut ids = PinnedIds::read(&self.pins())?;
+        for veth in self.host_veths()? {
+            for (direction, program) in [("ingress", "from_pod"), ("egress", "to_pod")] {
+                let out = run(self
+                    .ns
+                    .command("tc")
+                    .args(["-j", "filter", "show", "dev", &veth, direction]))?;
+                let filters: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .with_context(|| format!("tc's filters of {veth} {direction}"))?;
+                let id = filters.as_array().into_iter().flatten().find_map(|f| {
+                    let options = &f["options"];
+                    (options["handle"] == "0x7077" && options["bpf_name"].as_str() == Some(program))
+                        .then(|| options["prog"]["id"].as_u64())
+                        .flatten()
+                });
+                if let Some(id) = id {
+                    ids.filters
+                        .insert(format!("{program}-{veth}"), u32::try_from(id)?);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// Runs the `podwire` CLI on this node with `args` (its pin root given), failing unless it
@@ -213,15 +235,18 @@ impl Drop for Node {
 }
 
 /// The kernel's ids of everything pinned below a pin root: each map's id, and each link's id with
-/// the id of the program it runs. A restarted agent that adopts the pinned state keeps every map
-/// id (a re-created map gets a new one, empty) and every link id, with its own program swapped
-/// into the links.
+/// the id of the program it runs; and the programs of podwire's netlink tc filters on the pods'
+/// veths, which hold their programs without a pin. A restarted agent that adopts the pinned
+/// state keeps every map id (a re-created map gets a new one, empty), every link id and every
+/// filter, with its own program swapped into the links and filters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PinnedIds {
     /// Map name to map id.
     pub maps: BTreeMap<String, u32>,
     /// Link pin name (`<program>-<interface>`) to link id and program id.
     pub links: BTreeMap<String, (u32, u32)>,
+    /// `<program>-<veth>` to the id of the program podwire's filter there runs.
+    pub filters: BTreeMap<String, u32>,
 }
 
 impl PinnedIds {
@@ -283,6 +308,11 @@ impl PinnedIds {
                     differences.push(format!("link {name} was re-created (id {id} -> {new})"))
                 }
                 Some(_) => {}
+            }
+        }
+        for name in self.filters.keys() {
+            if !after.filters.contains_key(name) {
+                differences.push(format!("the tc filter {name} is gone"));
             }
         }
         differences

@@ -96,8 +96,8 @@ fn agents_killed_under_load_lose_no_connection_and_restart_on_the_pinned_state()
         let node = Cluster::node_name(i);
         let ids = c.nodes[i].pinned_ids()?;
         ensure!(
-            ids.links.len() >= 5,
-            "{node}: pinned links of 2 pods, the tunnel and the underlay: {ids:?}"
+            ids.links.len() >= 3 && ids.filters.len() == 4,
+            "{node}: pinned links of the tunnel and the underlay, filters of 2 pods: {ids:?}"
         );
         let entries = endpoints(&c, i)?;
         ensure!(entries.len() == 2, "{node}: {entries:?}");
@@ -135,6 +135,12 @@ fn agents_killed_under_load_lose_no_connection_and_restart_on_the_pinned_state()
                 "restart {r}: the link {name} still runs the killed agent's program {program}"
             );
         }
+        for (name, program) in &ids.filters {
+            ensure!(
+                after.filters[name] != *program,
+                "restart {r}: the filter {name} still runs the killed agent's program {program}"
+            );
+        }
         assert_eq!(
             endpoints(&c, i)?,
             entries,
@@ -166,11 +172,12 @@ fn agents_killed_under_load_lose_no_connection_and_restart_on_the_pinned_state()
         let (startup, outage) = restart_times[r];
         println!(
             "restart {r}: {node}'s agent killed; serving CNI again {:.0} ms later ({:.0} ms from \
-             its start); adopted {} maps and {} links",
+             its start); adopted {} maps, {} links and {} filters",
             outage.as_secs_f64() * 1e3,
             startup.as_secs_f64() * 1e3,
             after.maps.len(),
-            after.links.len()
+            after.links.len(),
+            after.filters.len()
         );
     }
 
