@@ -59,10 +59,11 @@ pub const STALL_MS: u64 = 5000;
 pub struct ClusterCheck {
     /// How the pods' and the tunnel's programs were attached: [`NETLINK_TC`] before 6.6.
     pub attach: String,
-    /// Packets the nodes' programs sent into the tunnel (redirect-overlay), all nodes together,
-    /// read once traffic had crossed.
+    /// Packets the nodes' programs sent to another node (redirect-overlay, redirect-encap or
+    /// redirect-native, by mode), all nodes together, read once traffic had crossed.
     pub tunnelled_packets: u64,
-    /// Packets the nodes' programs delivered out of the tunnel (redirect-from-overlay).
+    /// Packets the nodes' programs delivered from another node (redirect-from-overlay,
+    /// redirect-decap or redirect-from-native).
     pub from_tunnel_packets: u64,
     /// Each restart, in order.
     pub restarts: Vec<Restart>,

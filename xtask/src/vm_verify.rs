@@ -420,15 +420,9 @@ fn initramfs(dir: &Path, bins: &StaticBins, modules: &[PathBuf]) -> Result<PathB
     // The agents' datapath mode (--routing, --encap) as xtask's environment names it, so a run
     // can put another mode's programs through the 6.1 verifier (the programs are loaded with
     // their mode fixed, and the verifier skips the other modes' paths).
-    // Without one, the VXLAN device: podwire-verify's cluster check counts the device's reasons
-    // (redirect-overlay, redirect-from-overlay) as proof that the tunnel carried the streams.
     let agent_env: String = AGENT_ENV
         .iter()
-        .filter_map(|var| match (std::env::var(var), *var) {
-            (Ok(value), _) => Some((var, value)),
-            (Err(_), "PODWIRE_ENCAP") => Some((var, "device".to_owned())),
-            (Err(_), _) => None,
-        })
+        .filter_map(|var| Some((var, std::env::var(var).ok()?)))
         .filter(|(_, value)| value.chars().all(|c| c.is_ascii_alphanumeric()))
         .map(|(var, value)| format!("export {var}={value}\n"))
         .collect();

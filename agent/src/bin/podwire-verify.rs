@@ -673,9 +673,23 @@ mod cluster {
 
         let mut tunnelled_packets = 0;
         let mut from_tunnel_packets = 0;
+        // Whichever mode the agents run: through the VXLAN device, the programs' own tunnel, or
+        // natively routed.
         for node in &nodes {
-            tunnelled_packets += node.counter(Reason::RedirectOverlay)?;
-            from_tunnel_packets += node.counter(Reason::RedirectFromOverlay)?;
+            for reason in [
+                Reason::RedirectOverlay,
+                Reason::RedirectEncap,
+                Reason::RedirectNative,
+            ] {
+                tunnelled_packets += node.counter(reason)?;
+            }
+            for reason in [
+                Reason::RedirectFromOverlay,
+                Reason::RedirectDecap,
+                Reason::RedirectFromNative,
+            ] {
+                from_tunnel_packets += node.counter(reason)?;
+            }
         }
         let streams = streams
             .into_iter()
