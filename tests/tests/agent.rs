@@ -6,16 +6,36 @@ use std::net::UdpSocket;
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use nix::sys::signal::Signal;
-use podwire_lab::{artifacts, nodes::NodeAndPod, processes::Daemon};
+use podwire_lab::{
+    artifacts,
+    namespaces::NetNs,
+    nodes::NodeAndPod,
+    processes::{run, Daemon},
+};
 
-/// Names of the tc ingress programs attached to `iface` in the calling thread's namespace.
-fn tcx_ingress(iface: &str) -> Result<Vec<String>> {
-    let (_, programs) =
-        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).context("querying tcx ingress")?;
-    Ok(programs
-        .iter()
-        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-        .collect())
+/// Names of the BPF programs on tc ingress of `iface` in `ns`: its netlink tc filters (what a
+/// pod's veth gets on every kernel) and its TCX links.
+fn tc_ingress(ns: &NetNs, iface: &str) -> Result<Vec<String>> {
+    let shown = run(ns
+        .command("tc")
+        .args(["-j", "filter", "show", "dev", iface, "ingress"]))?;
+    let filters: serde_json::Value =
+        serde_json::from_slice(&shown.stdout).with_context(|| format!("tc filters of {iface}"))?;
+    let mut names: Vec<String> = filters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["options"]["bpf_name"].as_str().map(str::to_owned))
+        .collect();
+    let (_, links) = ns
+        .run(|| SchedClassifier::query_tcx(iface, TcAttachType::Ingress))?
+        .context("querying tcx ingress")?;
+    names.extend(
+        links
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
+    );
+    Ok(names)
 }
 
 fn agent_in(net: &NodeAndPod) -> Result<Daemon> {
@@ -29,10 +49,7 @@ fn attach_log_and_detach_on(signal: Signal) -> Result<()> {
     let net = NodeAndPod::new()?;
     let mut agent = agent_in(&net)?;
     agent.wait_for_line("attached from_pod to tc ingress")?;
-    assert_eq!(
-        net.node.run(|| tcx_ingress(NodeAndPod::HOST_IF))??,
-        ["from_pod"]
-    );
+    assert_eq!(tc_ingress(&net.node, NodeAndPod::HOST_IF)?, ["from_pod"]);
 
     // No pod is registered in developer mode, so from_pod drops the veth's traffic as spoofed:
     // its own log records, streamed through aya-log, say so for each packet. ARP from an
@@ -70,10 +87,9 @@ fn attach_log_and_detach_on(signal: Signal) -> Result<()> {
         "final counters in the log:\n{all}"
     );
     assert!(all.contains("detached"), "{all}");
-    assert!(
-        net.node
-            .run(|| tcx_ingress(NodeAndPod::HOST_IF))??
-            .is_empty(),
+    assert_eq!(
+        tc_ingress(&net.node, NodeAndPod::HOST_IF)?,
+        Vec::<String>::new(),
         "nothing stays attached after {signal}"
     );
     Ok(())
@@ -101,10 +117,9 @@ fn agent_names_a_missing_interface_and_attaches_nothing() -> Result<()> {
         all.contains("attaching to nosuch0"),
         "error names the interface:\n{all}"
     );
-    assert!(
-        net.node
-            .run(|| tcx_ingress(NodeAndPod::HOST_IF))??
-            .is_empty(),
+    assert_eq!(
+        tc_ingress(&net.node, NodeAndPod::HOST_IF)?,
+        Vec::<String>::new(),
         "the interface attached before the error is detached again"
     );
     Ok(())
