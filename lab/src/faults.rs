@@ -86,7 +86,9 @@ pub struct Census {
     pub veths: BTreeSet<String>,
     /// Keys of the pinned endpoint map.
     pub endpoints: BTreeSet<Ipv4Addr>,
-    /// Pinned tc links below the pin root's `links/`.
+    /// tc attachments, `<program>-<interface>`: the links pinned below the pin root's `links/`
+    /// (the node's devices) and podwire's tc filters on the pods' veths, which hold their programs
+    /// without a pin.
     pub links: BTreeSet<String>,
 }
 
@@ -98,7 +100,10 @@ impl Census {
             addresses: addresses(&node.state()?)?,
             veths: node.host_veths()?.into_iter().collect(),
             endpoints: node.endpoints()?.into_iter().map(|(ip, _)| ip).collect(),
-            links: file_names(&node.pins().links_dir())?,
+            links: file_names(&node.pins().links_dir())?
+                .into_iter()
+                .chain(node.pinned_ids()?.filters.into_keys())
+                .collect(),
         })
     }
 
@@ -118,7 +123,7 @@ impl Census {
             ips(&self.endpoints),
             ips(&before.endpoints),
         );
-        compare("pinned link", self.links.clone(), before.links.clone());
+        compare("tc attachment", self.links.clone(), before.links.clone());
         lines
     }
 }
@@ -366,7 +371,7 @@ mod tests {
                 "leaked veth pwb",
                 "lost veth pwa",
                 "leaked endpoint map entry 10.244.0.3",
-                "lost pinned link from_pod-pwa",
+                "lost tc attachment from_pod-pwa",
             ]
         );
     }

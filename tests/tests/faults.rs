@@ -2,7 +2,7 @@
 //! at each named fault point (`podwire_core::fault`), then what a runtime does next (DEL after a
 //! failed ADD, and the second DEL with an empty CNI_NETNS; a GC that no longer lists the
 //! attachment; a retried ADD; a retried DEL or GC), after which the node must hold exactly what it
-//! held before: no address, host veth, endpoint map entry or pinned link left (see
+//! held before: no address, host veth, endpoint map entry or tc attachment left (see
 //! `podwire_lab::faults::Census`), and a control pod on the node still reachable.
 //!
 //! A fault in the agent is armed by restarting the agent with it, and the agent is restarted
@@ -281,8 +281,8 @@ fn fault_census_counts_every_kind_of_state_a_pod_holds() -> Result<()> {
         format!("leaked address c-census/eth0 {ip}"),
         format!("leaked veth {veth}"),
         format!("leaked endpoint map entry {ip}"),
-        format!("leaked pinned link from_pod-{veth}"),
-        format!("leaked pinned link to_pod-{veth}"),
+        format!("leaked tc attachment from_pod-{veth}"),
+        format!("leaked tc attachment to_pod-{veth}"),
     ];
     ensure!(diff == want, "census of one more pod: {diff:?}");
     bed.then("DEL", "c-census", Some(&pod))?;

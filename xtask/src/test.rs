@@ -30,7 +30,14 @@ pub fn run(args: &[String]) -> Result<()> {
     let helm = helm::ensure()?;
     let mut cargo = build::userspace_cargo(&object);
     cargo
-        .args(["test", "--workspace", "--exclude", "podwire-ebpf"])
+        // Every test binary runs even after one fails: the count below reports all failures.
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "podwire-ebpf",
+            "--no-fail-fast",
+        ])
         .env(BIN_DIR_ENV, &bins)
         .env(CNITOOL_ENV, &cnitool)
         .env(K8S_BIN_DIR_ENV, &k8s)
