@@ -24,6 +24,7 @@ use kube::{
     Api, Client,
 };
 use podwire_core::pins::Pins;
+use podwire_datapath::{detach, Hook};
 use podwire_netlink::Netlink;
 use tracing::{info, warn};
 
@@ -162,6 +163,16 @@ impl Cleanup {
         for file in [&self.conf_file, &self.bin_file].into_iter().flatten() {
             step(file.display().to_string(), remove_file(file));
         }
+        // Pods' veths hold their programs in netlink tc filters, not in pins: removing the pins
+        // would leave every running pod's veth with podwire's programs (and maps) attached.
+        for veth in pod_veths() {
+            let detached = Hook::pod(&veth)
+                .into_iter()
+                .try_for_each(|hook| detach(hook, &self.pins))
+                .map(|()| true)
+                .map_err(|e| podwire_core::error_chain(&e));
+            step(format!("podwire's tc filters on {veth}"), detached);
+        }
         for dir in [self.pins.links_dir(), self.pins.maps_dir()] {
             step(format!("the pins in {}", dir.display()), remove_dir(&dir));
         }
@@ -199,6 +210,26 @@ impl Cleanup {
             Err(CleanupError::Incomplete(failures))
         }
     }
+}
+
+/// The host-side veths of pods on this node: the interfaces named as
+/// [`podwire_core::endpoint::Attachment::host_ifname`] names them ("pw" and 11 hex digits).
+fn pod_veths() -> Vec<String> {
+    // if_nameindex asks the kernel over netlink: the calling thread's network namespace (sysfs
+    // shows the one it was mounted in).
+    let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+        return Vec::new();
+    };
+    interfaces
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+        .filter(|name| {
+            name.len() == 13
+                && name
+                    .strip_prefix("pw")
+                    .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .collect()
 }
 
 fn remove_file(path: &Path) -> Result<bool, String> {

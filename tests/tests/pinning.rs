@@ -128,8 +128,9 @@ fn severed_links_are_unpinned_and_live_ones_kept() -> Result<()> {
     let root = PinRoot::new();
     let pins = root.pins();
     let mut datapath = pinned_datapath(&pins)?;
+    // Device hooks: they are the ones with pinned TCX links (pods' veths get netlink filters).
     for iface in [NodeAndPod::HOST_IF, "host1"] {
-        for hook in Hook::pod(iface) {
+        for hook in Hook::overlay(iface) {
             net.node
                 .run(|| datapath.attach_pinned(hook, &hook.pin(&pins)))?
                 .with_context(|| format!("attaching {} to {iface}", hook.program))?;
@@ -139,20 +140,23 @@ fn severed_links_are_unpinned_and_live_ones_kept() -> Result<()> {
 
     let mut removed = remove_severed_links(&pins)?;
     removed.sort();
-    let mut expected: Vec<_> = Hook::pod("host1").iter().map(|h| h.pin(&pins)).collect();
+    let mut expected: Vec<_> = Hook::overlay("host1")
+        .iter()
+        .map(|h| h.pin(&pins))
+        .collect();
     expected.sort();
     assert_eq!(
         removed, expected,
         "the links of the deleted veth are unpinned"
     );
-    for hook in Hook::pod("host1") {
+    for hook in Hook::overlay("host1") {
         assert!(
             !hook.pin(&pins).exists(),
             "{} unpinned",
             hook.pin(&pins).display()
         );
     }
-    for hook in Hook::pod(NodeAndPod::HOST_IF) {
+    for hook in Hook::overlay(NodeAndPod::HOST_IF) {
         assert!(
             hook.pin(&pins).exists(),
             "{} kept",

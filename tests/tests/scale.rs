@@ -238,13 +238,13 @@ fn two_hundred_parallel_adds_get_unique_addresses_and_dels_leave_nothing() -> Re
         );
     }
 
-    // Both programs attached to every veth, their links pinned.
-    let pinned = pinned_links(&node)?;
+    // Both programs attached to every veth (netlink tc filters).
+    let filters = node.pinned_ids()?.filters;
     for veth in &host_veths {
         for program in [programs::FROM_POD, programs::TO_POD] {
             assert!(
-                pinned.contains(&format!("{program}-{veth}")),
-                "{program} is not pinned on {veth}"
+                filters.contains_key(&format!("{program}-{veth}")),
+                "{program} is not attached to {veth}"
             );
         }
     }
