@@ -291,23 +291,30 @@ pub fn detach(hook: Hook<'_>, pins: &Pins) -> Result<(), AttachError> {
         return Ok(());
     };
     for filter in filters.iter().filter(|f| f.name == hook.program) {
-        SchedClassifierLink::attached(
-            hook.iface,
-            hook.direction,
-            filter.priority,
-            filter.handle,
-            None,
-        )
-        .and_then(|link| link.detach().map_err(io::Error::other))
-        .map_err(|e| AttachError::RemoveFilter {
-            program: hook.program,
-            iface: hook.iface.into(),
-            direction: hook.direction,
-            priority: filter.priority,
-            source: Box::new(ProgramError::from(tc::TcError::IoError(e))),
-        })?;
+        remove_filter(hook, filter)?;
     }
     Ok(())
+}
+
+/// Removes `filter` from the clsact hook of `hook`.
+fn remove_filter(hook: Hook<'_>, filter: &Filter) -> Result<(), AttachError> {
+    let remove_error = |source: ProgramError| AttachError::RemoveFilter {
+        program: hook.program,
+        iface: hook.iface.into(),
+        direction: hook.direction,
+        priority: filter.priority,
+        source: source.into(),
+    };
+    SchedClassifierLink::attached(
+        hook.iface,
+        hook.direction,
+        filter.priority,
+        filter.handle,
+        None,
+    )
+    .map_err(|e| remove_error(tc::TcError::IoError(e).into()))?
+    .detach()
+    .map_err(remove_error)
 }
 
 impl Datapath {
@@ -397,13 +404,6 @@ impl Datapath {
             if filter.name != hook.program || ours {
                 continue;
             }
-            let remove_error = |source: ProgramError| AttachError::RemoveFilter {
-                program: hook.program,
-                iface: hook.iface.into(),
-                direction: hook.direction,
-                priority: filter.priority,
-                source: source.into(),
-            };
             log::info!(
                 "removing {} at priority {} on {:?} of {}: left by an earlier agent",
                 hook.program,
@@ -411,16 +411,7 @@ impl Datapath {
                 hook.direction,
                 hook.iface
             );
-            SchedClassifierLink::attached(
-                hook.iface,
-                hook.direction,
-                filter.priority,
-                filter.handle,
-                None,
-            )
-            .map_err(|e| remove_error(tc::TcError::IoError(e).into()))?
-            .detach()
-            .map_err(remove_error)?;
+            remove_filter(hook, &filter)?;
         }
         Ok(())
     }
